@@ -1,0 +1,91 @@
+"""Settings: read from the environment once, in an entrypoint, then passed down as arguments.
+
+Nothing below `app/` reads `os.environ` itself; `Settings.from_env()` is the only place.
+Every variable is listed, with its default and meaning, in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from app.errors import WorkerBroken
+
+# Variables whose values must never reach a log line or an error message.
+SECRET_VARS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "RUNPOD_API_KEY",
+    "RUNPOD_AI_API_KEY",
+    "MODAL_TOKEN_SECRET",
+    "API_TOKEN",
+)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'1024x1024,1344x768' -> [(1024, 1024), (1344, 768)] as (width, height)."""
+    shapes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        w, _, h = part.lower().partition("x")
+        shapes.append((int(w), int(h)))
+    return shapes
+
+
+class Settings(BaseModel):
+    """The worker's whole configuration; defaults give the CPU demo on the embedded tiny model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "tiny-flux"
+    revision: str | None = None
+    hf_offline: bool = False
+    output_uri: str = "./outputs"
+    presign_ttl_s: int = Field(7 * 24 * 3600, ge=1, le=7 * 24 * 3600)
+    gpu_price_per_hour: float | None = Field(None, ge=0)
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp8", "int8", "bf16"] = "auto"
+    compile: Literal["regional", "full", "off"] = "regional"
+    shapes: list[tuple[int, int]] | None = None
+    compile_cache_uri: str | None = None
+    weights_uri: str | None = None
+    cache_dir: str = "/tmp/diffusion-worker"
+    job_timeout_s: float = Field(600.0, gt=0)
+    preflight: bool = True
+    warmup: bool = True
+
+    @field_validator("shapes", mode="before")
+    @classmethod
+    def _shapes(cls, v):
+        return parse_shapes(v) if isinstance(v, str) else v
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build Settings from environment variables (upper-case field names)."""
+        env = os.environ if env is None else env
+        raw = {}
+        for name in cls.model_fields:
+            value = env.get(name.upper())
+            if value not in (None, ""):
+                raw[name] = value
+        # HF_HUB_OFFLINE is the hub's own variable; we honour it rather than invent one.
+        if env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raw["hf_offline"] = True
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = str(err["loc"][0]).upper() if err["loc"] else "?"
+            raise WorkerBroken(f"bad configuration {name}: {err['msg']}", field=name) from None
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    """The values of credential variables present in `env`, for log redaction (entrypoints only)."""
+    env = os.environ if env is None else env
+    return [env[v] for v in SECRET_VARS if len(env.get(v, "")) >= 4]

@@ -1,0 +1,157 @@
+"""The worker: `Service.load(settings)` once per process, `Service.run(raw, job_id)` per job.
+
+Both entrypoints (RunPod's handler.py, Modal's modal_app.py) call exactly this; nothing here
+imports a platform SDK. `run` never raises: it returns a JobResult dict or a JobError dict, and
+sets `broken` when the worker must be replaced.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+from loguru import logger
+
+from app.config import Settings
+from app.cost import job_cost
+from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerBroken, WorkerError
+from app.pipeline import encode_image, generate, load_pipeline
+from app.plan import Plan, detect_plan
+from app.schema import CONTENT_TYPES, Job, JobResult, parse_job
+from app.storage import OutputStore, object_key, open_store, store_prefix
+
+Progress = Callable[[int, int], None]
+
+
+@contextmanager
+def timed(timings: dict, name: str):
+    """Record the block's wall time in ms under `name`."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round((time.perf_counter() - t0) * 1000, 1)
+
+
+class Service:
+    def __init__(self, pipe, family, settings: Settings, plan: Plan, store: OutputStore, cold_start: dict):
+        self.pipe, self.family, self.settings, self.plan, self.store = pipe, family, settings, plan, store
+        self.defaults = family.tiny_defaults if settings.model.startswith("tiny-") else family.variant_defaults(pipe)
+        self.cold_start = cold_start  # reported with the first result, then dropped
+        self.broken = False
+
+    @classmethod
+    def load(cls, settings: Settings, store: OutputStore | None = None) -> "Service":
+        """Preflight, open the store, load the pipeline, optimize and warm it; time each phase."""
+        phases: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with timed(phases, "preflight_ms"):
+            plan = _preflight(settings)
+        with timed(phases, "store_ms"):
+            store = store or open_store(settings.output_uri, settings.presign_ttl_s)
+        with timed(phases, "weights_ms"):
+            pipe, family = load_pipeline(settings.model, plan, settings.revision, settings.hf_offline)
+        from app.optimize import apply_recipe, warmup
+
+        with timed(phases, "optimize_ms"):
+            apply_recipe(pipe, family, plan, settings)
+        service = cls(pipe, family, settings, plan, store, phases)
+        if settings.warmup:
+            with timed(phases, "warmup_ms"):
+                warmup(pipe, family, service.defaults, settings.shapes or _buckets(settings, family, service))
+        phases["load_total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        logger.info("worker ready: {}", phases)
+        return service
+
+    def run(self, raw, job_id: str, progress: Progress | None = None) -> dict:
+        """Run one job; return a JobResult dict or {"error": {...}}. Never raises."""
+        with logger.contextualize(job_id=job_id):
+            try:
+                return self._run(raw, job_id, progress)
+            except WorkerError as e:
+                self.broken = self.broken or isinstance(e, WorkerBroken)
+                logger.warning("job failed: {}: {}", e.type, e.message)
+                return {"error": e.to_dict()}
+            except Exception:  # a bug of ours: the caller gets a clean message, the log the traceback
+                logger.exception("job failed with an unexpected error")
+                return {"error": {"type": "job_failed", "message": "internal error while running the job"}}
+
+    def _run(self, raw, job_id: str, progress: Progress | None) -> dict:
+        if self.broken:
+            raise WorkerBroken("this worker is broken and waits to be replaced")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with timed(timings, "validate_ms"):
+            job = parse_job(raw, self.family, self.defaults)
+        logger.info("job: {}x{}, {} steps, {} image(s)", job.width, job.height, job.num_inference_steps, job.num_images)
+        logger.debug("prompt: {!r}", job.prompt)
+        with timed(timings, "inference_ms"):
+            images = self._generate(job, progress, t0)
+        with timed(timings, "encode_ms"):
+            blobs = [encode_image(im, job.output_format, job.output_quality) for im in images]
+        with timed(timings, "upload_ms"):
+            outputs = self._upload(job, job_id, images, blobs)
+        timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        cost = job_cost(self.plan.gpu_name, timings["total_ms"] / 1000, self.settings.gpu_price_per_hour)
+        result = JobResult(images=outputs, model=self.settings.model, timings=timings, cost=cost,
+                           cold_start=self.cold_start)
+        self.cold_start = None
+        logger.info("job done in {} ms", timings["total_ms"])
+        return result.model_dump(exclude_none=True)
+
+    def _generate(self, job: Job, progress: Progress | None, t0: float) -> list:
+        deadline = t0 + self.settings.job_timeout_s
+
+        def on_step(step: int, total: int) -> None:
+            if progress is not None:
+                progress(step, total)
+            if time.perf_counter() > deadline:
+                raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g} at step {step}/{total}")
+
+        import torch
+
+        try:
+            return generate(self.pipe, self.family, job, on_step)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of GPU memory at {job.width}x{job.height} x{job.num_images}; "
+                              "try fewer images or a smaller size") from None
+        except RuntimeError as e:
+            if _poisoned(e):
+                raise WorkerBroken(f"CUDA error, worker must be replaced: {str(e).splitlines()[0][:200]}") from None
+            raise
+
+    def _upload(self, job: Job, job_id: str, images, blobs) -> list[dict]:
+        ctype = CONTENT_TYPES[job.output_format]
+        outputs = []
+        for i, (image, blob, seed) in enumerate(zip(images, blobs, job.seeds)):
+            stored = self.store.put(object_key(store_prefix(self.store), job_id, i, job.output_format), blob, ctype)
+            outputs.append(dict(url=stored.url, key=stored.key, width=image.width, height=image.height,
+                                seed=seed, content_type=ctype, bytes=stored.bytes))
+        return outputs
+
+
+def _poisoned(e: RuntimeError) -> bool:
+    """An error after which the CUDA context cannot be trusted (the process must go)."""
+    text = str(e)
+    return any(s in text for s in ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error"))
+
+
+def _buckets(settings: Settings, family, service: Service) -> list[tuple[int, int]]:
+    """Warm-up shapes: SHAPES, else the tiny model's default size, else the family's buckets."""
+    if settings.model.startswith("tiny-"):
+        return [(service.defaults.width, service.defaults.height)]
+    return list(family.shapes)
+
+
+def _preflight(settings: Settings) -> Plan:
+    """Run the preflight check (if enabled) and return its plan; a failed check breaks the worker."""
+    if not settings.preflight:
+        return detect_plan(settings.precision, settings.device)
+    import preflight
+
+    report = preflight.run(settings)
+    if not report.ok:
+        raise WorkerBroken(f"preflight failed: {report.failures()}")
+    return report.plan

@@ -1,0 +1,163 @@
+"""Where results go: S3 (or any S3-compatible store) or a local folder.
+
+Keys are `{prefix}/{job_id}/{index}.{ext}`: a retried job overwrites its own objects instead of
+adding new ones. Every upload is verified (size read back) before its URL is returned, so a job
+never reports an object that is not there. The S3 endpoint comes from boto3's own configuration
+(`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), so R2, MinIO and moto work unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from app.errors import JobFailed, WorkerBroken
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+# S3 error codes -> what to tell the operator (never the credentials themselves).
+_S3_HINTS = {
+    "NoSuchBucket": "the bucket does not exist",
+    "AccessDenied": "access denied: the credentials may not write there",
+    "InvalidAccessKeyId": "the access key id is not known to the endpoint",
+    "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+    "RequestTimeTooSkewed": "the clock of this machine is too far from the endpoint's (clock skew)",
+    "ExpiredToken": "the session token has expired",
+}
+
+
+@dataclass(frozen=True)
+class Stored:
+    url: str
+    key: str
+    bytes: int
+
+
+class OutputStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> Stored: ...
+    def check(self) -> str: ...
+
+
+def object_key(prefix: str, job_id: str, index: int, ext: str) -> str:
+    """`{prefix}/{job_id}/{index}.{ext}`; the job id is checked so it cannot escape the prefix."""
+    if not _JOB_ID.fullmatch(job_id) or ".." in job_id:
+        raise JobFailed(f"job id {job_id[:40]!r} is not usable as a storage key")
+    return "/".join(p for p in (prefix.strip("/"), job_id, f"{index}.{ext}") if p)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    u = urlparse(uri)
+    if u.scheme != "s3" or not u.netloc:
+        raise WorkerBroken(f"not an s3:// URI: {uri!r}")
+    return u.netloc, u.path.strip("/")
+
+
+def describe_s3_error(exc: Exception) -> str:
+    """A one-line, secret-free description of a boto3/botocore failure."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "Unknown")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{code} ({status}): {_S3_HINTS.get(code, 'the endpoint refused the request')}"
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        return "endpoint unreachable: could not connect to the S3 endpoint"
+    if isinstance(exc, ReadTimeoutError):
+        return "timeout: the S3 endpoint did not answer in time"
+    return f"{type(exc).__name__}: S3 request failed"
+
+
+def s3_client(connect_timeout: float = 5, read_timeout: float = 30, max_attempts: int = 5):
+    """A boto3 S3 client with bounded timeouts and standard retries (500, 503, SlowDown, resets)."""
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        connect_timeout=connect_timeout, read_timeout=read_timeout,
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        signature_version="s3v4",
+    )
+    return boto3.client("s3", config=cfg)
+
+
+class S3Store:
+    """Objects in an S3 bucket, returned as presigned GET URLs."""
+
+    def __init__(self, bucket: str, prefix: str, client, presign_ttl_s: int):
+        self.bucket, self.prefix, self.client, self.ttl = bucket, prefix, client, presign_ttl_s
+
+    def put(self, key: str, data: bytes, content_type: str) -> Stored:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as e:  # botocore raises many unrelated types; all mean "not stored"
+            raise JobFailed(f"upload of {key} failed: {describe_s3_error(e)}") from None
+        if head.get("ContentLength") != len(data):
+            raise JobFailed(f"upload of {key} failed: stored size {head.get('ContentLength')} != {len(data)}")
+        url = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.ttl
+        )
+        return Stored(url=url, key=key, bytes=len(data))
+
+    def check(self) -> str:
+        """Put and delete a small object under the prefix; raise JobFailed naming the cause."""
+        key = "/".join(p for p in (self.prefix, ".preflight-probe") if p)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as e:
+            raise JobFailed(f"s3://{self.bucket}/{self.prefix}: {describe_s3_error(e)}") from None
+        return f"s3://{self.bucket}/{self.prefix} writable"
+
+
+class LocalStore:
+    """Files in a folder, returned as file:// URLs. Writes are atomic (temp file, then rename)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    def put(self, key: str, data: bytes, content_type: str) -> Stored:
+        path = self.root / key
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            size = path.stat().st_size
+        except OSError as e:
+            raise JobFailed(f"writing {key} failed: {e.strerror}") from None
+        if size != len(data):
+            raise JobFailed(f"writing {key} failed: stored size {size} != {len(data)}")
+        return Stored(url=path.as_uri(), key=key, bytes=size)
+
+    def check(self) -> str:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".preflight-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise JobFailed(f"{self.root}: not writable ({e.strerror})") from None
+        return f"{self.root} writable"
+
+
+def open_store(uri: str, presign_ttl_s: int = 7 * 24 * 3600, client=None) -> OutputStore:
+    """`s3://bucket/prefix` -> S3Store; `file:///path` or a plain path -> LocalStore."""
+    if uri.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(uri)
+        return S3Store(bucket, prefix, client or s3_client(), presign_ttl_s)
+    if uri.startswith("file://"):
+        return LocalStore(urlparse(uri).path)
+    if "://" in uri:
+        raise WorkerBroken(f"unsupported OUTPUT_URI scheme: {uri.split('://')[0]}://", field="OUTPUT_URI")
+    return LocalStore(uri)
+
+
+def store_prefix(store: OutputStore) -> str:
+    """The key prefix under which a store writes (empty for a local folder)."""
+    return getattr(store, "prefix", "")
