@@ -52,6 +52,7 @@ class Settings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp8", "int8", "bf16"] = "auto"
     compile: Literal["regional", "full", "off"] = "regional"
+    attention: Literal["auto", "native", "cudnn", "flash", "fa3"] = "auto"
     shapes: list[tuple[int, int]] | None = None
     compile_cache_uri: str | None = None
     weights_uri: str | None = None

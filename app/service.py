@@ -52,14 +52,23 @@ class Service:
             store = store or open_store(settings.output_uri, settings.presign_ttl_s)
         with timed(phases, "weights_ms"):
             pipe, family = load_pipeline(settings.model, plan, settings.revision, settings.hf_offline)
-        from app.optimize import apply_recipe, warmup
+        from app import compile_cache
+        from app.optimize import apply_recipe, choose_recipe, warmup
 
+        recipe = choose_recipe(plan, settings)
         with timed(phases, "optimize_ms"):
-            apply_recipe(pipe, family, plan, settings)
+            apply_recipe(pipe, family, recipe)
         service = cls(pipe, family, settings, plan, store, phases)
+        shapes = settings.shapes or _buckets(settings, family, service)
+        compiled = recipe.compile != "off"
+        key = compile_cache.cache_key(plan.gpu_name, plan.capability, settings.model, recipe.to_dict(), shapes)
+        with timed(phases, "compile_cache_ms"):
+            restored = compiled and compile_cache.restore(settings.compile_cache_uri, key)
         if settings.warmup:
             with timed(phases, "warmup_ms"):
-                warmup(pipe, family, service.defaults, settings.shapes or _buckets(settings, family, service))
+                warmup(pipe, family, service.defaults, shapes)
+            if compiled and not restored:
+                compile_cache.save(settings.compile_cache_uri, key)
         phases["load_total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         logger.info("worker ready: {}", phases)
         return service

@@ -1,0 +1,47 @@
+"""Choose the attention kernel on purpose, per GPU.
+
+FLUX at 1024x1024 spends ~15 of its ~74 TFLOP per step in attention (4,608 tokens, 24 heads of
+128). PyTorch's default SDPA on H100 is FlashAttention-2 (no Hopper wgmma/TMA); cuDNN's SDPA and
+FlashAttention-3 use them. `fa3` needs the `fa3-fwd` wheel (forward-only FA3 build); when it is
+missing or does not load, we fall back to cuDNN and say so.
+"""
+
+from __future__ import annotations
+
+from loguru import logger
+
+BACKENDS = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3"}
+
+
+def _install_fa3() -> bool:
+    """Register fa3-fwd's kernel as diffusers' `_flash_3` backend; False when it cannot load."""
+    try:
+        from fa3_fwd_interface import flash_attn_func
+    except Exception as e:  # missing wheel, or built against another torch ABI
+        logger.warning("fa3 attention unavailable ({}: {}); using cudnn", type(e).__name__, str(e)[:120])
+        return False
+    import diffusers.models.attention_dispatch as ad
+
+    def fa3(query, key, value, attn_mask=None, scale=None, is_causal=False, return_lse=False, _parallel_config=None):
+        if attn_mask is not None:
+            raise ValueError("fa3 attention takes no mask")
+        out = flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
+        out = out[0] if isinstance(out, tuple) else out
+        return (out, None) if return_lse else out
+
+    # diffusers looks FA3 up under the official `flash_attn_interface` name; point its registry
+    # entry at the fa3-fwd build instead.
+    ad._AttentionBackendRegistry._backends[ad.AttentionBackendName._FLASH_3] = fa3
+    ad._AttentionBackendRegistry._supported_arg_names[ad.AttentionBackendName._FLASH_3] = {
+        "query", "key", "value", "attn_mask", "scale", "is_causal", "return_lse", "_parallel_config"}
+    ad._CAN_USE_FLASH_ATTN_3 = True
+    return True
+
+
+def set_attention(denoiser, name: str) -> str:
+    """Set `denoiser`'s attention backend (native|cudnn|flash|fa3); return the one actually used."""
+    if name == "fa3" and not _install_fa3():
+        name = "cudnn"
+    if name != "native":
+        denoiser.set_attention_backend(BACKENDS[name])
+    return name

@@ -1,0 +1,83 @@
+"""FP8 linear layers as plain modules: an e4m3 weight, a per-output-row scale, `torch._scaled_mm`.
+
+Why not torchao's Float8 tensor subclass: its weights are tensor subclasses that dynamo must trace
+through on every block, and the anchors measured 324 s of regional compilation before the first
+image (ANCHORS.md). Plain buffers compile like any module, serialize as plain safetensors tensors
+(bake once, load on the meta device with `assign=True`), and run the same cuBLAS/CUTLASS row-wise
+FP8 GEMM. The activation is quantized per row at run time; under torch.compile the amax, divide
+and cast fuse into the producer of `x`.
+
+Numerics: weight scale = row amax / 448, weight = round_e4m3(w / scale), so the dequantized weight
+is `weight.float() * weight_scale` (the same rule as ComfyUI / compressed-tensors per-channel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+E4M3_MAX = 448.0
+FP8 = torch.float8_e4m3fn
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight [N, K], fp32 scale [N, 1]) with one scale per output row."""
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+    return (w32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for nn.Linear at inference: y = x W^T + b with W in FP8 (row-wise scaled)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 out_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=out_dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "FP8Linear":
+        """Quantize an existing nn.Linear (its dtype becomes the output dtype)."""
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, device="meta", out_dtype=lin.weight.dtype)
+        w, s = quantize_rows(lin.weight.data)
+        q.weight, q.weight_scale = w, s
+        q.bias = None if lin.bias is None else lin.bias.data
+        return q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale).to(self.out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.device.type != "cuda":  # reference path (CPU tests): same weights, no FP8 GEMM
+            y = x2.to(self.out_dtype) @ self.dequantized_weight().t()
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*shape[:-1], self.out_features)
+        sx = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+        xq = (x2.float() / sx).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.t(),
+                             bias=self.bias, out_dtype=self.out_dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def swap_linears(module: nn.Module, keep, make=FP8Linear.from_linear) -> list[str]:
+    """Replace every nn.Linear under `module` whose qualified name `keep(name)` rejects; return swapped names.
+
+    Modules are replaced one at a time so the bf16 weight of each is freed as its FP8 copy appears:
+    peak memory stays near the bf16 size instead of bf16 + FP8.
+    """
+    swapped = []
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Linear) and not keep(name):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, make(child))
+            swapped.append(name)
+    return swapped
