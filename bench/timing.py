@@ -1,0 +1,70 @@
+"""Timing helpers shared by the benchmarks: CUDA-synchronized wall clocks, medians, phases."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+PROMPT = "a cat holding a sign that says hello world"
+
+
+def timed(fn):
+    """(seconds, result) of fn() with the GPU synchronized on both sides."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    r = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, r
+
+
+def med(xs) -> float:
+    return round(statistics.median(xs), 4)
+
+
+def _encode(pipe, family_name: str):
+    if family_name == "flux":
+        pe, ppe, _ = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, max_sequence_length=512)
+        return dict(prompt_embeds=pe, pooled_prompt_embeds=ppe)
+    pe, npe, ppe, nppe = pipe.encode_prompt(prompt=PROMPT, do_classifier_free_guidance=True)
+    return dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
+                negative_pooled_prompt_embeds=nppe)
+
+
+def _decode(pipe, family_name: str, latents, size: int):
+    if family_name == "flux":
+        lat = pipe._unpack_latents(latents, size, size, pipe.vae_scale_factor)
+        lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    else:
+        lat = latents / pipe.vae.config.scaling_factor
+    return pipe.vae.decode(lat, return_dict=False)[0]
+
+
+def measure(pipe, family_name: str, steps: int, guidance: float, size: int = 1024, reps: int = 3) -> dict:
+    """End to end, per step, text encode, VAE decode (medians of `reps`) and peak VRAM of a job."""
+    kw = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance)
+    torch.cuda.reset_peak_memory_stats()
+    e2e, enc, den, dec = [], [], [], []
+    with torch.inference_mode():
+        for _ in range(reps):
+            s, _ = timed(lambda: pipe(PROMPT, **kw))
+            e2e.append(s)
+        for _ in range(reps):
+            s, emb = timed(lambda: _encode(pipe, family_name))
+            enc.append(s)
+            s, lat = timed(lambda: pipe(**emb, output_type="latent", **kw).images)
+            den.append(s)
+            s, img = timed(lambda: _decode(pipe, family_name, lat, size))
+            dec.append(s)
+    return dict(e2e_s=med(e2e), e2e_all=[round(x, 3) for x in e2e], denoise_s=med(den),
+                per_step_ms=round(1000 * med(den) / steps, 1), encode_s=med(enc), vae_decode_s=med(dec),
+                peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                resident_GiB=round(torch.cuda.memory_allocated() / 2**30, 2), finite=bool(torch.isfinite(img).all()))
+
+
+def warm(pipe, family_name: str, guidance: float, size: int = 1024) -> float:
+    """Seconds of the first 2-step call (compilation, autotuning, CUDA graph capture happen here)."""
+    with torch.inference_mode():
+        s, _ = timed(lambda: pipe(PROMPT, height=size, width=size, num_inference_steps=2, guidance_scale=guidance))
+    return round(s, 2)

@@ -1,0 +1,59 @@
+"""`python -m bench variants`: per-step time of recipe variants on the FLUX.1-dev shape (random
+weights, 1024x1024), each on a freshly built pipeline, to choose the recipe by measurement."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+
+import torch
+
+from app.families import FLUX
+from app.optimize import Recipe, apply_recipe
+from bench import timing
+
+VARIANTS = {
+    "regional": (Recipe(True, "fp8", "fa3", False, "regional"), {}),
+    "full": (Recipe(True, "fp8", "fa3", False, "full"), {}),
+    "regional_cdt": (Recipe(True, "fp8", "fa3", False, "regional"), {"coordinate_descent_tuning": True}),
+    "regional_cudnn": (Recipe(True, "fp8", "cudnn", False, "regional"), {}),
+}
+
+
+def run(names) -> dict:
+    import torch._inductor.config as ic
+
+    from bench.latency import versions
+    from bench.models import build_flux_dev
+
+    res = {"versions": versions()}
+    for name in names:
+        recipe, flags = VARIANTS[name]
+        saved = {k: getattr(ic, k) for k in flags}
+        try:
+            for k, v in flags.items():
+                setattr(ic, k, v)
+            pipe = build_flux_dev()
+            apply_recipe(pipe, FLUX, recipe)
+            t0 = time.perf_counter()
+            first = timing.warm(pipe, "flux", 3.5)
+            with torch.inference_mode():
+                emb = timing._encode(pipe, "flux")
+                kw = dict(height=1024, width=1024, num_inference_steps=8, guidance_scale=3.5, output_type="latent")
+                ts = [timing.timed(lambda: pipe(**emb, **kw))[0] * 1000 / 8 for _ in range(3)]
+            res[name] = dict(first_call_s=first, compile_and_warm_s=round(time.perf_counter() - t0, 1),
+                             per_step_ms=round(timing.med(ts), 1), flags=flags)
+        except Exception as e:
+            res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        finally:
+            for k, v in saved.items():
+                setattr(ic, k, v)
+            pipe = None
+            gc.collect(); torch.cuda.empty_cache(); torch._dynamo.reset()
+        out = os.environ.get("OUT", "bench/results")
+        with open(os.path.join(out, "variants.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        print("VARIANT", name, json.dumps(res[name]), flush=True)
+    return res
