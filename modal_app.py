@@ -85,7 +85,9 @@ def _pinned_requirements(root: Path) -> list[str]:
     for dep in deps:
         name = re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0].lower()
         out.append(pins.pop(name, dep))
-    return out + list(pins.values()) + ["fastapi>=0.115", "httpx>=0.27"]
+    out += list(pins.values())
+    named = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in out}
+    return out + [r for r in ("fastapi>=0.115", "httpx>=0.27") if r.split(">")[0] not in named]
 
 
 def build_image(root: Path = ROOT) -> modal.Image:
