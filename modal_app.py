@@ -167,8 +167,13 @@ class Worker:
             from app.service import Service
 
             self.service = Service.load(self.settings)
+        elif not modal.is_local() and self.service.cold_start is not None:
+            # Loaded before the snapshot: the phases are the snapshot's, not this container's start.
+            self.service.cold_start = {**self.service.cold_start, "restored_from_snapshot": 1.0}
         if not modal.is_local():
-            cache_volume.commit()  # keep compile-cache entries written by the load for the next container
+            # Keep what the load wrote (downloaded weights, compile-cache entries) for the next container.
+            weights_volume.commit()
+            cache_volume.commit()
 
     @modal.method()
     def run(self, input: dict, webhook: str | None = None) -> dict:
@@ -176,8 +181,8 @@ class Worker:
         job_id = modal.current_function_call_id() or f"local-{uuid.uuid4().hex}"
         _mark(f"started:{job_id}")
         result = self.service.run(input, job_id)
-        if webhook:
-            post_webhook(webhook, from_result(job_id, result))
+        if webhook:  # bounded (2 x 5 s at most): a dead webhook must not hold a GPU for long
+            post_webhook(webhook, from_result(job_id, result), timeout_s=5, attempts=2)
         if self.service.broken and not modal.is_local():
             modal.experimental.stop_fetching_inputs()  # this container goes; Modal starts a fresh one
         return result
