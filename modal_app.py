@@ -168,8 +168,8 @@ class Worker:
 
             self.service = Service.load(self.settings)
         elif not modal.is_local() and self.service.cold_start is not None:
-            # Loaded before the snapshot: the phases are the snapshot's, not this container's start.
-            self.service.cold_start = {**self.service.cold_start, "restored_from_snapshot": 1.0}
+            # Loaded before the snapshot: these phases are the snapshot's, not this container's start.
+            self.service.cold_start = {**self.service.cold_start, "loaded_before_snapshot": 1.0}
         if not modal.is_local():
             # Keep what the load wrote (downloaded weights, compile-cache entries) for the next container.
             weights_volume.commit()
