@@ -1,0 +1,171 @@
+"""The backend client: waiting with backoff, typed errors, retries, and the CLI over real loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from app import client
+from app.client import JobFailed, Jobs, JobStatus, ModalJobs, RunPodJobs, TransportError, WaitTimeout
+from app.jobs import normalize_error
+from app.jobs_api import ThreadBackend, create_app
+
+TOKEN = "cli-token-0123456789abcdef"
+
+
+class ScriptedJobs(Jobs):
+    """A job that reports the given states in turn (the wait loop is what is under test here)."""
+
+    def __init__(self, states):
+        self.states, self.polls = list(states), 0
+
+    def submit(self, input, webhook=None):
+        return "job-1"
+
+    def status(self, job_id):
+        self.polls += 1
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return JobStatus(id=job_id, state=state, output={"ok": 1} if state == "COMPLETED" else None,
+                         error={"type": "job_failed", "message": "boom"} if state == "FAILED" else None)
+
+    def cancel(self, job_id):
+        return JobStatus(id=job_id, state="CANCELLED")
+
+
+def test_wait_backs_off_up_to_the_cap_then_returns_completed():
+    sleeps: list[float] = []
+    jobs = ScriptedJobs(["IN_QUEUE"] * 3 + ["IN_PROGRESS"] * 3 + ["COMPLETED"])
+    out = jobs.wait("job-1", timeout=60, first_poll_s=0.5, max_poll_s=1.5, backoff=2, sleep=sleeps.append)
+    assert out.state == "COMPLETED" and out.output == {"ok": 1}
+    assert sleeps == [0.5, 1.0, 1.5, 1.5, 1.5, 1.5]
+    assert jobs.polls == 7
+
+
+@pytest.mark.parametrize("final", ["FAILED", "CANCELLED", "TIMED_OUT"])
+def test_wait_raises_job_failed_for_other_final_states(final):
+    with pytest.raises(JobFailed) as e:
+        ScriptedJobs(["IN_PROGRESS", final]).wait("job-1", sleep=lambda s: None)
+    assert e.value.status.state == final and final in str(e.value)
+
+
+def test_wait_times_out_with_the_last_state():
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout) as e:
+        ScriptedJobs(["IN_PROGRESS"]).wait("job-1", timeout=0.3, first_poll_s=0.05, max_poll_s=0.05)
+    assert 0.25 < time.monotonic() - t0 < 2
+    assert e.value.last.state == "IN_PROGRESS" and e.value.job_id == "job-1"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_api_is_a_transport_error_without_the_key():
+    jobs = RunPodJobs("ep", "secret-key-123456", base_url=f"http://127.0.0.1:{_closed_port()}/v2", attempts=2)
+    t0 = time.monotonic()
+    with pytest.raises(TransportError) as e:
+        jobs.status("abc")
+    assert time.monotonic() - t0 < 5
+    assert "cannot connect" in str(e.value) and "secret-key" not in str(e.value)
+    assert e.value.status_code is None
+
+
+def test_status_is_retried_on_503_but_submit_is_not():
+    # httpx's MockTransport stands in for a flaky API: the retry policy is what is under test.
+    calls: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method + " " + request.url.path)
+        assert request.headers["authorization"] == "Bearer tok-0123456789abcdef"
+        if len(calls) == 1 or request.url.path.endswith("/run"):
+            return httpx.Response(503, text="busy")
+        return httpx.Response(200, json={"id": "j1", "status": "IN_PROGRESS"})
+
+    jobs = ModalJobs("http://api", "tok-0123456789abcdef", http=httpx.Client(transport=httpx.MockTransport(api)))
+    assert jobs.status("j1").state == "IN_PROGRESS"
+    assert calls == ["GET /status/j1", "GET /status/j1"]
+    with pytest.raises(TransportError) as e:
+        jobs.submit({"prompt": "x"})
+    assert e.value.status_code == 503 and calls[-1] == "POST /run" and len(calls) == 3
+
+
+def test_errors_are_normalized_and_tracebacks_dropped():
+    sdk = json.dumps({"error_type": "<class 'RuntimeError'>", "error_message": "boom",
+                      "error_traceback": "Traceback (most recent call last): secret stuff"})
+    assert normalize_error(sdk) == {"type": "worker_exception", "message": "boom"}
+    assert normalize_error({"type": "invalid_input", "message": "m", "field": "width", "x": 1}) == {
+        "type": "invalid_input", "message": "m", "field": "width"}
+    assert normalize_error("plain text") == {"type": "job_failed", "message": "plain text"}
+    assert normalize_error(None)["type"] == "job_failed"
+
+
+def test_job_ids_cannot_change_the_path():
+    seen: list[str] = []
+
+    def api(request):
+        seen.append(request.url.raw_path.decode())
+        return httpx.Response(200, json={"id": "x", "status": "IN_QUEUE"})
+
+    jobs = ModalJobs("http://api", "tok-0123456789abcdef", http=httpx.Client(transport=httpx.MockTransport(api)))
+    jobs.status("../cancel/x")
+    assert seen == ["/status/..%2Fcancel%2Fx"]
+
+
+# ------------------------------------------------------------------------------------ CLI, real HTTP
+
+
+@pytest.fixture
+def api_url(tiny_flux_service):
+    """The job API served by uvicorn on 127.0.0.1 over the in-process backend (a real HTTP server)."""
+    import uvicorn
+
+    backend = ThreadBackend(tiny_flux_service.run)
+    server = uvicorn.Server(uvicorn.Config(create_app(backend, TOKEN), host="127.0.0.1", port=_closed_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(10)
+    backend.shutdown()
+
+
+def test_cli_submit_wait_status_cancel(api_url, capsys):
+    env = {"API_TOKEN": TOKEN}
+    assert client.main(["--modal", api_url, "submit", '{"prompt": "a cat", "seed": 2}', "--wait",
+                        "--timeout", "60"], env) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["state"] == "COMPLETED" and done["output"]["images"][0]["seed"] == 2
+
+    assert client.main(["submit", '{"prompt": "a cat", "seed": 2}'], env | {"MODAL_API_URL": api_url}) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    assert client.main(["--modal", api_url, "wait", job_id, "--timeout", "60"], env) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "COMPLETED"
+    assert client.main(["--modal", api_url, "status", job_id], env) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == job_id
+    assert client.main(["--modal", api_url, "cancel", job_id], env) == 0  # already done: stays COMPLETED
+    assert json.loads(capsys.readouterr().out)["state"] == "COMPLETED"
+
+
+def test_cli_exit_codes(api_url, capsys):
+    env = {"API_TOKEN": TOKEN}
+    assert client.main(["--modal", api_url, "submit", '{"prompt": "x", "width": 100}', "--wait"], env) == 1
+    out = capsys.readouterr()
+    assert json.loads(out.out)["error"]["type"] == "invalid_input" and "FAILED" in out.err
+    assert client.main(["--modal", api_url, "status", "nope"], {"API_TOKEN": "wrong-token-0123456789"}) == 3
+    err = capsys.readouterr().err
+    assert "401" in err and "wrong-token" not in err
+    assert client.main(["--modal", api_url, "submit", "not json"], env) == 2
+    assert client.main(["status", "x"], {}) == 2  # no endpoint given anywhere
+    assert client.main(["--modal", api_url, "status", "x"], {}) == 2  # no token

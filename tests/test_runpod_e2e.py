@@ -1,0 +1,95 @@
+"""A backend's view of RunPod, end to end on the CPU: RunPodJobs -> queue -> the real SDK worker loop.
+
+handler.py runs in a subprocess exactly as in the container (`runpod.serverless.start`, not a direct
+call of the handler). RunPod's cloud cannot be reached from here, so its job queue is a loopback
+stand-in (tests/runpod_standin.py) that the SDK's worker loop is pointed at through the same
+RUNPOD_WEBHOOK_* variables RunPod sets in a worker. We use that rather than `--rp_serve_api`
+because the local API server runs a job only when /status is called and has no worker loop:
+the stand-in exercises the real job-take / job-done / ping traffic. Output goes to the moto S3
+server on loopback; the image is fetched back from its presigned URL.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.client import JobFailed, RunPodJobs, TransportError
+from tests.runpod_standin import RunPodStandIn
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "rp-test-api-key-0123456789"
+
+
+def _wait_for(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return pred()
+
+
+@pytest.mark.timeout(240)
+def test_runpod_worker_loop_serves_jobs_submitted_by_the_client(s3_env, bucket, tmp_path):
+    with RunPodStandIn("ep-test", API_KEY, worker_key="rp-worker-key-abcdef") as rp:
+        env = {
+            "PATH": os.environ["PATH"], "HOME": str(tmp_path),  # no ~/.runpod credentials picked up
+            **s3_env, **rp.worker_env("worker-1"),
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true", "RUNPOD_SKIP_GPU_CHECK": "true",  # no GPU, no internet
+            "MODEL": "tiny-flux", "PREFLIGHT": "0", "DEVICE": "cpu",
+            "OUTPUT_URI": f"s3://{bucket}/runpod", "LOG_FORMAT": "json",
+        }
+        log = open(tmp_path / "worker.log", "w+")
+        proc = subprocess.Popen([sys.executable, "handler.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            jobs = RunPodJobs("ep-test", API_KEY, base_url=f"{rp.url}/v2")
+            # Queued while the worker is still loading the model (seconds): FIFO, one job at a time.
+            good = jobs.submit({"prompt": "a red sneaker on a beach", "seed": 7})
+            bad = jobs.submit({"prompt": "x", "width": 100})
+            dropped = jobs.submit({"prompt": "never runs", "seed": 1})
+            assert jobs.status(dropped).state == "IN_QUEUE"
+            assert jobs.cancel(dropped).state == "CANCELLED"
+
+            try:
+                done = jobs.wait(good, timeout=150, first_poll_s=0.2, max_poll_s=1.0)
+            except Exception:
+                log.seek(0)
+                print(log.read()[-5000:])
+                raise
+            image = done.output["images"][0]
+            assert image["key"] == f"runpod/{good}/0.png" and image["seed"] == 7
+            body = httpx.get(image["url"], timeout=10).content  # presigned GET on the S3 endpoint
+            assert body[:8] == b"\x89PNG\r\n\x1a\n" and len(body) == image["bytes"]
+            assert done.output["cold_start"]["load_total_ms"] > 0  # the first job reports the cold start
+
+            with pytest.raises(JobFailed) as failed:
+                jobs.wait(bad, timeout=60, first_poll_s=0.2, max_poll_s=1.0)
+            assert failed.value.status.state == "FAILED"
+            assert failed.value.status.error["type"] == "invalid_input"
+            assert failed.value.status.error["field"] == "width"
+
+            assert jobs.status(dropped).state == "CANCELLED"
+            assert rp.taken == [good, bad]  # the cancelled job was never handed to the worker
+            assert _wait_for(lambda: rp.progress.get(good), 5), "no per-step progress reached the queue"
+            assert rp.progress[good][-1]["total"] >= 1
+            assert _wait_for(lambda: rp.pings > 0, 5), "the SDK's heartbeat never pinged"
+            assert proc.poll() is None, "the worker exited"
+
+            with pytest.raises(TransportError) as refused:
+                RunPodJobs("ep-test", "wrong-key", base_url=f"{rp.url}/v2").status(good)
+            assert refused.value.status_code == 401 and "wrong-key" not in str(refused.value)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            log.close()
