@@ -23,8 +23,9 @@ VERSION = 1
 CHUNK = 64 << 20
 
 
-def file_digest(path: Path, chunk: int = CHUNK) -> dict:
+def file_digest(path: Path, chunk: int | None = None) -> dict:
     """{"size", "sha256", "chunks": [sha256 of each chunk]} of one file."""
+    chunk = chunk or CHUNK
     whole, chunks, size = hashlib.sha256(), [], 0
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -53,8 +53,9 @@ def _shards(state: dict, max_bytes: int) -> list[dict]:
     return shards
 
 
-def write_denoiser(denoiser, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+def write_denoiser(denoiser, folder: Path, max_shard_bytes: int | None = None) -> list[Path]:
     """Write `config.json`, the shards and an index; return the shard paths."""
+    max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
