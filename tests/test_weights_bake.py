@@ -72,7 +72,7 @@ def test_baked_fp8_output_close_to_bf16_source(baked):
     with torch.no_grad():
         ref, out = src(**transformer_inputs()).sample, fp8(**transformer_inputs()).sample
     err = ((out - ref).norm() / ref.norm()).item()
-    assert 0 < err < 0.05, err  # FP8 weights and activations, tiny model; measured ~0.02
+    assert 0 < err < 0.02, err  # FP8 weights and activations, tiny model; measured 0.0047
 
 
 def test_baked_pipeline_generates_through_load_pipeline(baked):
