@@ -43,8 +43,17 @@ def resolve_model(model: str, revision: str | None = None, offline: bool = False
     return family_for_pipeline_class(json.loads(Path(index).read_text())["_class_name"]), None
 
 
-def load_pipeline(model: str, plan: Plan, revision: str | None = None, offline: bool = False):
-    """(pipeline on plan.device in plan's dtype, family). Baked directories go through weights.load."""
+def load_pipeline(model: str, plan: Plan, revision: str | None = None, offline: bool = False,
+                  weights_uri: str | None = None, cache_dir: str = "/tmp/diffusion-worker"):
+    """(pipeline on plan.device in plan's dtype, family). Baked directories go through weights.load;
+    WEIGHTS_URI (a baked directory on S3) takes precedence over MODEL and is streamed, hash-checked."""
+    if weights_uri:
+        from weights.stream import stream_baked
+
+        pipe, family = stream_baked(weights_uri, plan, cache_dir)
+        pipe.set_progress_bar_config(disable=True)
+        logger.info("loaded {} ({} family) on {} as {}", weights_uri, family.name, plan.device, plan.torch_dtype)
+        return pipe, family
     family, local = resolve_model(model, revision, offline)
     if family_for_tiny(model):
         pipe = family.tiny().to(plan.device, plan.torch_dtype)

@@ -51,7 +51,8 @@ class Service:
         with timed(phases, "store_ms"):
             store = store or open_store(settings.output_uri, settings.presign_ttl_s)
         with timed(phases, "weights_ms"):
-            pipe, family = load_pipeline(settings.model, plan, settings.revision, settings.hf_offline)
+            pipe, family = load_pipeline(settings.model, plan, settings.revision, settings.hf_offline,
+                                         settings.weights_uri, settings.cache_dir)
         from app import compile_cache
         from app.optimize import apply_recipe, choose_recipe, warmup
 

@@ -1,0 +1,106 @@
+"""Streaming a baked directory from a real S3 endpoint (moto's server on loopback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+
+from app.plan import Plan
+from weights.bake import bake
+from weights.errors import IntegrityError
+from weights.stream import stream_baked
+
+CPU = Plan("cpu", "fp32")
+
+
+@pytest.fixture(scope="module")
+def baked(tmp_path_factory):
+    """Small shards (several files) and small chunks (several ranged reads per file)."""
+    import weights.manifest as mf
+    import weights.serialize as ser
+
+    out = tmp_path_factory.mktemp("bake") / "tiny-fp8"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ser, "MAX_SHARD_BYTES", 40_000)
+    mp.setattr(mf, "CHUNK", 16_384)
+    try:
+        bake("tiny-flux", out, "fp8", device="cpu")
+    finally:
+        mp.undo()
+    return out
+
+
+def upload(root: Path, bucket: str, prefix: str) -> list[str]:
+    s3 = boto3.client("s3")
+    keys = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            key = f"{prefix}/{p.relative_to(root).as_posix()}"
+            s3.put_object(Bucket=bucket, Key=key, Body=p.read_bytes())
+            keys.append(key)
+    return keys
+
+
+def shard_key(prefix: str, root: Path) -> tuple[str, bytes]:
+    p = next((root / "transformer").glob("*.safetensors"))
+    return f"{prefix}/transformer/{p.name}", p.read_bytes()
+
+
+def test_stream_loads_a_working_pipeline(baked, bucket, tmp_path, monkeypatch):
+    import weights.manifest as mf
+    import weights.stream as stream
+
+    monkeypatch.setattr(stream, "WINDOW", 2)  # fewer shards in flight than there are shards
+    assert len(list((baked / "transformer").glob("*.safetensors"))) > 2
+    assert max(len(f["chunks"]) for f in mf.read(baked)["files"].values()) > 2
+    upload(baked, bucket, "models/tiny")
+    pipe, family = stream_baked(f"s3://{bucket}/models/tiny", CPU, tmp_path / "cache")
+    assert family.name == "flux"
+    w = pipe.transformer.transformer_blocks[0].attn.to_qkv.weight
+    assert type(w).__name__ == "Float8Tensor"
+    image = pipe(prompt="a cat", width=256, height=256, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 256, 256, 3)
+
+
+def test_service_streams_from_weights_uri(baked, bucket, tmp_path):
+    from app.config import Settings
+    from app.service import Service
+
+    upload(baked, bucket, "w")
+    svc = Service.load(Settings(weights_uri=f"s3://{bucket}/w", output_uri=str(tmp_path / "out"), preflight=False,
+                                device="cpu", warmup=False, cache_dir=str(tmp_path / "cache")))
+    assert type(svc.pipe.transformer.proj_out.weight) is torch.nn.Parameter
+    assert type(svc.pipe.transformer.transformer_blocks[0].ff.net[2].weight).__name__ == "Float8Tensor"
+
+
+def test_truncated_object_fails_before_loading(baked, bucket, tmp_path):
+    upload(baked, bucket, "t")
+    key, data = shard_key("t", baked)
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data[:-1000])
+    with pytest.raises(IntegrityError, match=r"bytes, the manifest says \d+ \(truncated or replaced\)"):
+        stream_baked(f"s3://{bucket}/t", CPU, tmp_path / "cache")
+
+
+def test_altered_object_fails_on_chunk_hash(baked, bucket, tmp_path):
+    upload(baked, bucket, "a")
+    key, data = shard_key("a", baked)
+    altered = bytearray(data)
+    altered[-10] ^= 0x01
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=bytes(altered))
+    with pytest.raises(IntegrityError, match=r"chunk \d+ .* sha256 differs from the manifest \(altered\)"):
+        stream_baked(f"s3://{bucket}/a", CPU, tmp_path / "cache")
+
+
+def test_missing_object_fails(baked, bucket, tmp_path):
+    keys = upload(baked, bucket, "m")
+    boto3.client("s3").delete_object(Bucket=bucket, Key=next(k for k in keys if k.endswith("vae/config.json")))
+    with pytest.raises(IntegrityError, match=r"m/vae/config.json: (404|NoSuchKey)"):
+        stream_baked(f"s3://{bucket}/m", CPU, tmp_path / "cache")
+
+
+def test_missing_manifest_fails(bucket, tmp_path):
+    with pytest.raises(IntegrityError, match="manifest.json: NoSuchKey"):
+        stream_baked(f"s3://{bucket}/nothing", CPU, tmp_path / "cache")

@@ -1,0 +1,95 @@
+"""External FP8 checkpoints generated in code from the tiny FLUX transformer (no downloads).
+
+Each writer quantizes the BFL-named weights of the block linears the way its publisher does
+(per-tensor scale = amax / 448, or per-channel) and stores them with that format's scale keys.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from weights import flux_keys
+
+FP8 = torch.float8_e4m3fn
+FORMATS = ("comfyui-legacy", "comfyui", "comfyui-header", "ct-tensor", "ct-channel")
+DETECTED = {"comfyui-legacy": "comfyui-legacy", "comfyui": "comfyui", "comfyui-header": "comfyui",
+            "ct-tensor": "compressed-tensors", "ct-channel": "compressed-tensors"}
+COMFY = "model.diffusion_model."
+
+
+def tiny_transformer():
+    """The tiny FLUX transformer of app/tiny.py, in bf16, with weights large enough to matter."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True)
+    with torch.no_grad():  # default init leaves modulation at ~0; random weights exercise every layer
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model.to(torch.bfloat16).eval()
+
+
+def quantized_keys(bfl: dict) -> list[str]:
+    """Publishers quantize the block linears (modulation included) and keep embedders bf16."""
+    return [k for k, v in bfl.items() if k.endswith(".weight") and v.dim() == 2 and "_blocks." in k]
+
+
+def quantize(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) with dequantized = codes x scale."""
+    w = w.float()
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+    scale = (amax / 448.0).clamp(min=1e-12)
+    return (w / scale).clamp(-448, 448).to(FP8), scale
+
+
+def write(path, fmt: str, model) -> dict:
+    """Write `model` to `path` in `fmt`; return {bfl weight key: (codes, scale)} as written."""
+    bfl = flux_keys.to_bfl({k: v.detach() for k, v in model.state_dict().items()}, dict(model.config))
+    out, meta, written = {}, {}, {}
+    layers = {}
+    for key in quantized_keys(bfl):
+        codes, scale = quantize(bfl[key], per_channel=fmt == "ct-channel")
+        layer = key.removesuffix(".weight")
+        if fmt == "comfyui-legacy":
+            out[f"{layer}.scale_weight"] = scale.reshape(())
+            out[f"{layer}.scale_input"] = torch.ones(())
+        elif fmt.startswith("comfyui"):
+            out[f"{layer}.weight_scale"] = scale.reshape(())
+            out[f"{layer}.input_scale"] = torch.ones(())
+            layers[layer] = {"format": "float8_e4m3fn"}
+        elif fmt == "ct-tensor":
+            out[f"{layer}.weight_scale"] = scale.reshape(1)
+        else:
+            out[f"{layer}.weight_scale"] = scale
+        bfl[key] = codes
+        written[key] = (codes, scale)
+    prefix = COMFY if fmt.startswith("comfyui") else ""
+    if fmt == "comfyui-legacy":
+        out["scaled_fp8"] = torch.empty(0, dtype=FP8)
+    if fmt == "comfyui":
+        for layer, info in layers.items():
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)
+    if fmt == "comfyui-header":
+        meta["_quantization_metadata"] = json.dumps({"format_version": "1.0",
+                                                     "layers": {prefix + k: v for k, v in layers.items()}})
+    tensors = {prefix + k: v.contiguous() for k, v in {**bfl, **out}.items()}
+    save_file(tensors, str(path), metadata=meta or None)
+    return written
+
+
+def rewrite(path, edit) -> None:
+    """Load a fixture file, apply `edit(tensors, metadata)` in place, save it back."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta or None)

@@ -1,0 +1,39 @@
+"""Typed weight errors. All of them break the worker: serving from bad weights means noise.
+
+Each message names the tensor or file and the format seen, so an operator can tell a corrupt
+upload from an unsupported checkpoint without reading a traceback.
+"""
+
+from __future__ import annotations
+
+from app.errors import WorkerBroken
+
+
+class WeightsError(WorkerBroken):
+    """Base class: the weights cannot be used as they are."""
+
+    type = "weights_error"
+
+
+class MissingScale(WeightsError):
+    """An FP8 weight has no scale tensor: its raw codes would be used as numbers (noise)."""
+
+    type = "missing_scale"
+
+
+class BadScale(WeightsError):
+    """A scale tensor exists but its shape or values do not fit its weight."""
+
+    type = "bad_scale"
+
+
+class IntegrityError(WeightsError):
+    """A file is missing, truncated or altered with respect to the manifest."""
+
+    type = "integrity_error"
+
+
+class UnknownFormat(WeightsError):
+    """A checkpoint whose format or key names we do not recognise."""
+
+    type = "unknown_format"

@@ -1,0 +1,72 @@
+"""`python -m weights inspect PATH`: what a baked directory or a single checkpoint file holds.
+
+Reads headers only for baked directories (no tensor data); a single file is read through the
+same checker the importer uses, so a missing scale shows up here before an import is attempted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from weights import formats
+from weights import manifest as mf
+from weights.errors import WeightsError
+from weights.serialize import read_header
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        return read_header(head + f.read(n), str(path))[0]
+
+
+def inspect_baked(root: Path) -> dict:
+    manifest = mf.read(root)
+    dtypes, types = Counter(), Counter()
+    for name in manifest["files"]:
+        if not name.endswith(".safetensors"):
+            continue
+        header = _header(root / name)
+        meta = header.pop("__metadata__", {}) or {}
+        dtypes.update(info["dtype"] for info in header.values())
+        if name.startswith(manifest["denoiser"] + "/") and "tensor_names" in meta:
+            types.update(json.loads(meta[k])["_type"] for k in json.loads(meta["tensor_names"]))
+    return {"path": str(root), "format": f"baked ({manifest['recipe']['precision']})", "source": manifest["source"],
+            "recipe": manifest["recipe"], "versions": manifest["versions"], "files": len(manifest["files"]),
+            "weights_bytes": manifest["weights_bytes"], "dtypes": dict(dtypes),
+            "denoiser_tensor_types": dict(types), "quantized_layers": types.get("Float8Tensor", 0)
+            + types.get("Int8Tensor", 0)}
+
+
+def inspect_file(path: Path) -> dict:
+    """Format, dtypes, FP8 layer count and scale coverage of a single checkpoint file."""
+    header = _header(path)
+    metadata = header.pop("__metadata__", {}) or {}
+    keys = [formats.strip(k) for k in header]
+    dtypes = Counter(info["dtype"] for info in header.values())
+    fmt = formats.detect(keys, {k: _dtype(i["dtype"]) for k, i in zip(keys, header.values())}, metadata)
+    fp8 = [k for k, i in zip(keys, header.values()) if i["dtype"].startswith("F8")
+           and k.endswith(".weight")]
+    scaled = [k for k in fp8 if formats.scale_key(k, fmt) in set(keys)]
+    report = {"path": str(path), "format": fmt, "dtypes": dict(dtypes), "fp8_weights": len(fp8),
+              "fp8_weights_with_scale": len(scaled), "unscaled": sorted(set(fp8) - set(scaled))[:10]}
+    try:
+        ckpt = formats.read(path)
+        report.update(usable=True, scales=ckpt.notes)
+    except WeightsError as e:
+        report.update(usable=False, problem=e.message)
+    return report
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}.get(name, torch.bfloat16)
+
+
+def inspect_path(path: str | Path) -> dict:
+    p = Path(path)
+    return inspect_baked(p) if p.is_dir() else inspect_file(p)

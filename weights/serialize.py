@@ -1,0 +1,144 @@
+"""The denoiser's files in a baked directory: torchao's safetensors layout, sharded.
+
+A quantized weight `blocks.0.attn.to_qkv.weight` is stored as two plain tensors,
+`blocks.0.attn._weight_qdata` (float8_e4m3fn) and `blocks.0.attn._weight_scale` (float32,
+`[out, 1]`), with its torchao type and attributes as JSON in the safetensors header: exactly what
+`torchao.prototype.safetensors.flatten_tensor_state_dict` writes and what diffusers/transformers
+read for torchao models. Any safetensors reader sees FP8 codes *and* their scales side by side.
+
+`tensors_from_buffer` reads a whole file already in memory (the S3 stream) without copying it, and
+checks every tensor's byte range against the file's length, so a truncated file names itself.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from weights.errors import IntegrityError
+
+SHARD_PREFIX = "diffusion_pytorch_model"
+INDEX_NAME = f"{SHARD_PREFIX}.safetensors.index.json"
+# 2 GiB shards: small enough that the S3 stream overlaps downloading one with copying the last,
+# large enough that FLUX.1-dev's 11.9 GB is only 6 files.
+MAX_SHARD_BYTES = 2 << 30
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    if hasattr(t, "tensor_data_names"):  # a torchao subclass: the sum of its parts
+        return sum(_nbytes(getattr(t, n)) for n in t.tensor_data_names if getattr(t, n, None) is not None)
+    return t.numel() * t.element_size()
+
+
+def _shards(state: dict, max_bytes: int) -> list[dict]:
+    shards, cur, size = [], {}, 0
+    for name, tensor in state.items():
+        n = _nbytes(tensor)
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = tensor
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def write_denoiser(denoiser, folder: Path, max_shard_bytes: int | None = None) -> list[Path]:
+    """Write `config.json`, the shards and an index; return the shard paths."""
+    max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    denoiser.save_config(folder)
+    state = {k: v.detach() for k, v in denoiser.state_dict().items()}
+    shards = _shards(state, max_shard_bytes)
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"{SHARD_PREFIX}-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors, metadata = flatten_tensor_state_dict(shard)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata=metadata)
+        weight_map.update({k: name for k in shard})
+        paths.append(folder / name)
+        del tensors
+    total = sum(_nbytes(t) for t in state.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=1))
+    return paths
+
+
+def shard_names(folder: Path) -> list[str]:
+    """The shard file names listed by the index, in order."""
+    index = json.loads((folder / INDEX_NAME).read_text())
+    return sorted(set(index["weight_map"].values()))
+
+
+def read_header(data: bytes | memoryview, name: str) -> tuple[dict, int]:
+    """(header dict, offset of the data section) of a safetensors file held in `data`."""
+    if len(data) < 8:
+        raise IntegrityError(f"{name}: {len(data)} bytes, too short for a safetensors header (truncated?)")
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if 8 + n > len(data) or n > 100 << 20:
+        raise IntegrityError(f"{name}: header length {n} exceeds the file ({len(data)} bytes; truncated?)")
+    try:
+        header = json.loads(bytes(data[8:8 + n]))
+    except ValueError:
+        raise IntegrityError(f"{name}: the safetensors header is not valid JSON (altered or truncated)") from None
+    return header, 8 + n
+
+
+def tensors_from_buffer(data: bytearray | memoryview, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Zero-copy CPU tensors over a safetensors file held in `data`, and its `__metadata__`."""
+    header, start = read_header(data, name)
+    metadata = header.pop("__metadata__", {}) or {}
+    out = {}
+    for key, info in header.items():
+        begin, end = info["data_offsets"]
+        if start + end > len(data):
+            raise IntegrityError(f"{name}: tensor {key} ends at byte {start + end} but the file has {len(data)} "
+                                 "(truncated)")
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise IntegrityError(f"{name}: tensor {key} has unsupported dtype {info['dtype']}")
+        raw = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=start + begin) if end > begin \
+            else torch.empty(0, dtype=torch.uint8)
+        out[key] = raw.view(dtype).reshape(info["shape"])
+    return out, metadata
+
+
+def read_local(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A shard's tensors placed on `device` by safetensors (one tensor at a time) and its metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        read_header(f.read(min(size, 8 + (100 << 20))), str(path))  # a clear error for truncation first
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as e:
+        raise IntegrityError(f"{path}: unreadable safetensors file ({e}); truncated or altered?") from None
+
+
+def unflatten(tensors: dict, metadata: dict, name: str) -> dict:
+    """torchao's unflatten, with leftovers (tensors the header does not describe) refused."""
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    if "tensor_names" not in metadata:
+        raise IntegrityError(f"{name}: no torchao metadata in the header (not a baked shard)")
+    state, left = unflatten_tensor_state_dict(tensors, metadata)
+    expected = json.loads(metadata["tensor_names"])
+    missing = [k for k in expected if k not in state]
+    if left or missing:
+        raise IntegrityError(f"{name}: tensors missing {missing[:3]} or undescribed {sorted(left)[:3]}")
+    return state
