@@ -45,6 +45,11 @@ def check_vram(gpu: GpuFacts, need_gib: float | None, source: str) -> Check:
     return ok("vram", f"{free:.1f} of {total:.1f} GiB free; about {need_gib:g} GiB needed ({source})")
 
 
+def check_vram_for(settings: Settings, gpu: GpuFacts, precision: str) -> Check:
+    """The vram check for MODEL under `precision` (the estimate and the comparison, timed together)."""
+    return check_vram(gpu, *vram_need(settings, precision))
+
+
 def free_gib(path: str | Path) -> tuple[float, Path]:
     """(free GiB, the existing folder measured) for `path` or its nearest existing parent."""
     p = Path(path).expanduser().resolve()

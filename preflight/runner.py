@@ -16,7 +16,7 @@ from app.config import Settings
 from preflight.gpu import check_arch, check_cuda, check_cudnn, check_driver, check_torch
 from preflight.precision import CPU_PLAN, check_precision, check_precision_cpu
 from preflight.report import Check, Report, fail, first_line, skipped
-from preflight.resources import check_disk, check_storage, check_vram, vram_need
+from preflight.resources import check_disk, check_storage, check_vram_for
 from preflight.software import check_pins, check_torchao
 
 GPU_ONLY = ("cuda", "driver", "arch", "cudnn", "precision", "torchao", "pins", "vram")
@@ -67,25 +67,21 @@ def _cpu_checks(settings: Settings, why: str):
 def _gpu_checks(settings: Settings, torch):
     cuda, gpu = timed("cuda", check_cuda, torch)
     checks = [cuda, timed("driver", check_driver, torch.version.cuda)[0]]
+    if gpu is None:  # the worker is done for; importing torchao (about 2 s) would only delay saying so
+        checks += [skipped(c, "no usable GPU (see cuda)") for c in ("arch", "cudnn", "precision", "torchao")]
+        return checks + [timed("pins", check_pins)[0], skipped("vram", "no usable GPU (see cuda)")], CPU_PLAN
+    arch = timed("arch", check_arch, gpu)[0]
+    checks.append(arch)
     plan = CPU_PLAN
-    if gpu is None:
-        checks += [skipped(c, "no usable GPU (see cuda)") for c in ("arch", "cudnn", "precision")]
+    if arch.status == "fail":  # every kernel launch would fail the same way: say it once
+        checks += [skipped(c, "no kernel image for this card (see arch)") for c in ("cudnn", "precision")]
     else:
-        arch = timed("arch", check_arch, gpu)[0]
-        checks.append(arch)
-        if arch.status == "fail":
-            checks += [skipped(c, "no kernel image for this card (see arch)") for c in ("cudnn", "precision")]
-        else:
-            checks.append(timed("cudnn", check_cudnn)[0])
-            precision, plan = timed("precision", check_precision, settings.precision, gpu)
-            checks.append(precision)
-            plan = plan or CPU_PLAN
-    checks += [timed("torchao", check_torchao)[0], timed("pins", check_pins)[0]]
-    if gpu is None:
-        checks.append(skipped("vram", "no usable GPU (see cuda)"))
-    else:
-        need, source = vram_need(settings, plan.precision)
-        checks.append(timed("vram", check_vram, gpu, need, source)[0])
+        checks.append(timed("cudnn", check_cudnn)[0])
+        precision, plan = timed("precision", check_precision, settings.precision, gpu)
+        checks.append(precision)
+        plan = plan or CPU_PLAN
+    checks += [timed("torchao", check_torchao)[0], timed("pins", check_pins)[0],
+               timed("vram", check_vram_for, settings, gpu, plan.precision)[0]]
     return checks, plan
 
 
