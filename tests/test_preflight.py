@@ -168,6 +168,18 @@ def test_disk_measures_the_cache_folder_and_fails_when_short(tmp_path):
 
 # --- storage: a real S3 endpoint on loopback -------------------------------------------------------------
 
+def use_credentials(monkeypatch, key_id: str | None, secret: str | None = None) -> None:
+    """Set the credential variables as a fresh worker process would see them. boto3's default session
+    caches the credentials it resolved first, so it is dropped to make the next client read these."""
+    import boto3
+
+    if key_id is not None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    if secret is not None:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+
+
 def test_storage_writes_and_removes_its_probe(bucket):
     import boto3
 
@@ -187,21 +199,22 @@ def test_storage_names_an_unreachable_endpoint(s3_env, monkeypatch):
     assert check.status == "fail" and "endpoint unreachable" in check.detail
 
 
+def test_storage_names_missing_credentials(s3_env, monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    # Nowhere else to find keys either: no shared files, no instance metadata service.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    use_credentials(monkeypatch, None)
+    check = check_storage(Settings(output_uri="s3://any/out"))
+    assert check.status == "fail" and "no credentials" in check.detail
+
+
 def test_storage_names_a_bad_local_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     check = check_storage(Settings(output_uri=str(tmp_path / "file" / "out")))
     assert check.status == "fail" and "not writable" in check.detail
-
-
-def use_credentials(monkeypatch, key_id: str, secret: str | None = None) -> None:
-    """Set the credential variables as a fresh worker process would see them. boto3's default session
-    caches the credentials it resolved first, so it is dropped to make the next client read these."""
-    import boto3
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
-    if secret is not None:
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
 
 
 def test_storage_names_wrong_credentials_and_access_denied(s3_auth, monkeypatch):
