@@ -36,6 +36,7 @@ class GpuFacts:
 
     @property
     def sm(self) -> str:
+        """'sm_90' for capability (9, 0)."""
         return f"sm_{self.capability[0]}{self.capability[1]}"
 
 

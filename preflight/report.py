@@ -20,22 +20,27 @@ class Check:
     facts: dict = field(default_factory=dict)  # machine facts for the report's "gpu" section, not printed
 
     def to_dict(self) -> dict:
+        """The `--json` form of one check."""
         return {"id": self.id, "status": self.status, "detail": self.detail, "ms": self.ms}
 
 
 def ok(check_id: str, detail: str, **facts) -> Check:
+    """A passed check; `facts` go to the report's "gpu" section."""
     return Check(check_id, OK, detail, facts=facts)
 
 
 def warn(check_id: str, detail: str, **facts) -> Check:
+    """A check that passed with a caveat worth reading; `facts` go to the report's "gpu" section."""
     return Check(check_id, WARN, detail, facts=facts)
 
 
 def fail(check_id: str, detail: str, **facts) -> Check:
+    """A check that stops the worker; `facts` go to the report's "gpu" section."""
     return Check(check_id, FAIL, detail, facts=facts)
 
 
 def skipped(check_id: str, detail: str) -> Check:
+    """A check not run here; `detail` says why (CPU mode, or an earlier failure it depends on)."""
     return Check(check_id, SKIPPED, detail)
 
 

@@ -36,6 +36,13 @@ def test_cpu_mode_is_decided_by_device_and_model():
         assert "no GPU" in cpu_mode(tiny, None, torch)
 
 
+def test_a_crashing_check_is_a_failed_check_not_a_crashed_preflight():
+    from preflight.runner import timed
+
+    check, extra = timed("cuda", lambda: {}["boom"])
+    assert (check.id, check.status, extra) == ("cuda", "fail", None) and "KeyError" in check.detail
+
+
 def test_cpu_run_skips_gpu_checks_and_plans_fp32(tmp_path):
     report = preflight.run(Settings(output_uri=str(tmp_path), cache_dir=str(tmp_path)), cpu=True)
     assert report.ok and (report.plan.device, report.plan.precision) == ("cpu", "fp32")
