@@ -6,16 +6,29 @@
 import runpod
 
 from app.config import Settings, secret_values
+from app.errors import WorkerBroken
 from app.logs import configure_logging
 from app.service import Service
 
 settings = Settings.from_env()
 configure_logging(settings.log_format, settings.log_level, secret_values())
-service = Service.load(settings)  # outside the handler: once per worker, not per job
+try:
+    service, broken = Service.load(settings), None  # once per worker; preflight runs before any weight is read
+except WorkerBroken as e:
+    service, broken = None, e
+
+
+@runpod.serverless.register_fitness_check
+def preflight_passed() -> None:
+    """RunPod runs this before taking jobs: a worker that failed preflight exits 1 and is replaced."""
+    if broken is not None:
+        raise broken
 
 
 def handler(job: dict) -> dict:
     """Run one RunPod job; an {"error": ...} result ends it FAILED, a broken worker is replaced."""
+    if service is None:  # only reachable locally (--test_input): fitness checks run on RunPod only
+        return {"error": broken.to_dict(), "refresh_worker": True}
 
     def progress(step: int, total: int) -> None:
         runpod.serverless.progress_update(job, {"step": step, "total": total})

@@ -59,7 +59,8 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 def describe_s3_error(exc: Exception) -> str:
     """A one-line, secret-free description of a boto3/botocore failure."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError
+    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+                                     PartialCredentialsError, ReadTimeoutError)
 
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "Unknown")
@@ -67,6 +68,8 @@ def describe_s3_error(exc: Exception) -> str:
         return f"{code} ({status}): {_S3_HINTS.get(code, 'the endpoint refused the request')}"
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         return "endpoint unreachable: could not connect to the S3 endpoint"
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or give the machine a role)"
     if isinstance(exc, ReadTimeoutError):
         return "timeout: the S3 endpoint did not answer in time"
     return f"{type(exc).__name__}: S3 request failed"

@@ -58,6 +58,28 @@ def bucket(s3_env, request):
     return name
 
 
+@pytest.fixture
+def s3_auth(s3_endpoint, s3_env, bucket):
+    """moto with request signing enforced (its own /moto-api/reset-auth switch) and one IAM user without
+    any policy: yields (bucket, that user's key id, its secret); signing is switched off afterwards."""
+    import urllib.request
+
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=s3_endpoint)
+    iam.create_user(UserName=bucket)
+    key = iam.create_access_key(UserName=bucket)["AccessKey"]
+
+    def switch(value: str) -> None:
+        req = urllib.request.Request(f"{s3_endpoint}/moto-api/reset-auth", data=value.encode(),
+                                     headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(req).read()
+
+    switch("0")
+    yield bucket, key["AccessKeyId"], key["SecretAccessKey"]
+    switch("inf")
+
+
 @pytest.fixture(scope="session")
 def tiny_flux_service(tmp_path_factory):
     """A loaded tiny-flux Service writing to a temporary folder (shared: loading costs seconds)."""
