@@ -106,9 +106,11 @@ RUN --mount=type=secret,id=hf_token,required=false \
 # Runtime settings, after the weights so that changing them does not re-bake. MODEL=/weights in
 # both variants (a volume or a stream lands there for BAKE=0); HF_HUB_OFFLINE=1 because a worker
 # must never reach for the hub at cold start. Caches live in one writable folder: HF, TorchInductor
-# and Triton (point COMPILE_CACHE_URI at S3 to carry compiled graphs across workers).
+# and Triton (point COMPILE_CACHE_URI at S3 to carry compiled graphs across workers). OUTPUT_URI's
+# default is a folder the worker can write, for `docker run` smoke tests; deployments set s3://...
 ENV MODEL=/weights \
     HF_HUB_OFFLINE=1 \
+    OUTPUT_URI=/cache/outputs \
     CACHE_DIR=/cache \
     HF_HOME=/cache/hf \
     TORCHINDUCTOR_CACHE_DIR=/cache/inductor \

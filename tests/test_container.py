@@ -174,7 +174,7 @@ def test_runtime_environment():
             env.update(zip(c.value[::2], c.value[1::2]))
     assert env["MODEL"] == "/weights" and env["HF_HUB_OFFLINE"] == "1"
     assert "/opt/venv/bin" in env["PATH"], "Modal needs `python` on PATH"
-    for var in ("HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+    for var in ("HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "OUTPUT_URI"):
         assert env[var].startswith(env["CACHE_DIR"] + "/"), var
 
 
