@@ -262,7 +262,7 @@ def bake(out: Path, cwd: Path, pythonpath: Path | None = None) -> subprocess.Com
                 "sys.argv[0] = 'weights'; runpy.run_module('weights', run_name='__main__', alter_sys=True)")
         cmd = [sys.executable, "-c", boot, *args[2:]]
     env = clean_env(**({"PYTHONPATH": str(pythonpath)} if pythonpath else {}))
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=140)
 
 
 needs_weights = pytest.mark.skipif(
@@ -280,7 +280,7 @@ def test_bake_then_start_the_handler_on_the_baked_folder(tmp_path):
     env = clean_env(MODEL=str(baked), OUTPUT_URI=str(outputs), DEVICE="cpu",
                     PREFLIGHT="1" if HAS_PREFLIGHT else "0", CACHE_DIR=str(tmp_path / "cache"))
     start = subprocess.run([sys.executable, "-u", "handler.py", "--test_input", json.dumps(PROMPT)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
     log = start.stdout[-4000:] + start.stderr[-4000:]
     assert start.returncode == 0, log
     pngs = list(outputs.rglob("*.png"))
