@@ -50,26 +50,34 @@ def _denoiser(pipe, family):
     return getattr(pipe, family.denoiser)
 
 
-_UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+# fused module -> the unfused projections it replaces (cross-attention fuses only K and V: `to_q`
+# stays in use there, as the SDXL UNet's attn2 shows).
+_REPLACES = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "to_kv": ("to_k", "to_v"),
+    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
 
 
 def fuse_qkv(denoiser) -> int:
     """Fuse Q/K/V (and the text stream's) projections; drop the unfused copies; return params freed.
 
-    diffusers' `fuse_qkv_projections()` adds `to_qkv` / `to_added_qkv` but keeps `to_q`, `to_k`,
-    `to_v`, ... alive though they are never used again: on FLUX.1-dev that is 2.15 B parameters,
-    4.3 GB of dead bf16 weights (and FP8 copies of them if quantized afterwards).
+    diffusers' `fuse_qkv_projections()` adds `to_qkv` / `to_kv` / `to_added_qkv` but keeps the
+    projections they replace alive though they are never used again: on FLUX.1-dev that is 2.15 B
+    parameters, 4.3 GB of dead bf16 weights (and FP8 copies of them if quantized afterwards).
     """
-    if not hasattr(denoiser, "fuse_qkv_projections") or any(hasattr(m, "to_qkv") for m in denoiser.modules()):
+    if not hasattr(denoiser, "fuse_qkv_projections") or any(
+            hasattr(m, fused) for m in denoiser.modules() for fused in _REPLACES):
         return 0
     denoiser.fuse_qkv_projections()
     freed = 0
     for module in denoiser.modules():
-        if getattr(module, "fused_projections", False):
-            for name in _UNFUSED:
-                if isinstance(getattr(module, name, None), torch.nn.Module):
-                    freed += sum(p.numel() for p in getattr(module, name).parameters())
-                    delattr(module, name)
+        for fused, replaced in _REPLACES.items():
+            if isinstance(getattr(module, fused, None), torch.nn.Module):
+                for name in replaced:
+                    if isinstance(getattr(module, name, None), torch.nn.Module):
+                        freed += sum(p.numel() for p in getattr(module, name).parameters())
+                        delattr(module, name)
     return freed
 
 

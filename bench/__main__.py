@@ -15,6 +15,7 @@ def main(argv=None) -> int:
     lat.add_argument("--attention", default="fa3", choices=["fa3", "cudnn", "native", "flash"])
     var = sub.add_parser("variants", help="per-step time of recipe variants (FLUX shape)")
     var.add_argument("names", nargs="*", default=["full", "regional_cdt"])
+    sub.add_parser("gemm", help="FP8 GEMM paths and FA3 bf16/FP8 attention micro-benchmarks")
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
     args = ap.parse_args(argv)
@@ -26,6 +27,10 @@ def main(argv=None) -> int:
         from bench.variants import run
 
         run(args.names)
+    elif args.cmd == "gemm":
+        from bench.gemm import main as gemm
+
+        gemm()
     elif args.cmd == "coldstart":
         from bench.coldstart import main as coldstart
 
