@@ -38,6 +38,8 @@ def runs(s3_endpoint, tmp_path_factory):
     for name, job in JOBS.items():
         folder = tmp_path_factory.mktemp(f"handler-{name}")
         env = dict(base, OUTPUT_URI=str(folder))
+        if name in ("empty_prompt", "huge_width"):
+            env["WARMUP"] = "0"  # refused before any denoising: the warm-up would only cost time
         if name == "s3":
             env.update(AWS_ENV, AWS_ENDPOINT_URL_S3=s3_endpoint, OUTPUT_URI="s3://handler-out/renders")
         cmd = [sys.executable, "handler.py", "--test_input", json.dumps({"input": job})]
