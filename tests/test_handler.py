@@ -33,7 +33,7 @@ def runs(s3_endpoint, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="a",
                  aws_secret_access_key="b").create_bucket(Bucket="handler-out")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RUNPOD_", "OUTPUT_", "MODEL"))}
-    base.update(PREFLIGHT="0", DEVICE="cpu")  # the preflight check is its own module (issue 3)
+    base.update(DEVICE="cpu")  # preflight runs, as in production: on a CPU it plans the fp32 reference path
     procs = {}
     for name, job in JOBS.items():
         folder = tmp_path_factory.mktemp(f"handler-{name}")
