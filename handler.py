@@ -3,7 +3,13 @@
     python handler.py --test_input '{"input": {"prompt": "a red sneaker on a beach", "seed": 7}}'
 """
 
-import runpod
+import os
+
+# The SDK logs every job's input and output at DEBUG, its default level: prompts and presigned URLs
+# would land in the worker's log. Read once when runpod is imported, so it is set before.
+os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
+
+import runpod  # noqa: E402
 
 from app.config import Settings, secret_values
 from app.errors import WorkerBroken

@@ -26,6 +26,8 @@ SECRET_VARS = (
     "API_TOKEN",
 )
 
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")  # loguru's own
+
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """'1024x1024,1344x768' -> [(1024, 1024), (1344, 768)] as (width, height)."""
@@ -60,6 +62,14 @@ class Settings(BaseModel):
     job_timeout_s: float = Field(600.0, gt=0)
     preflight: bool = True
     warmup: bool = True
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        # Checked here so a typo names LOG_LEVEL instead of crashing later inside loguru.
+        if v.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return v.upper()
 
     @field_validator("shapes", mode="before")
     @classmethod

@@ -68,6 +68,11 @@ def load_pipeline(model: str, plan: Plan, revision: str | None = None, offline: 
         pipe = cls.from_pretrained(local or model, revision=revision, torch_dtype=plan.torch_dtype,
                                    local_files_only=offline).to(plan.device)
     pipe.set_progress_bar_config(disable=True)
+    # diffusers warns with the cut-off part of a long prompt ("...was truncated...: ['<prompt text>']"),
+    # which would put prompts in the worker's log at WARNING. Loading is done: keep only its errors.
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
     logger.info("loaded {} ({} family) on {} as {}", model, family.name, plan.device, plan.torch_dtype)
     return pipe, family
 

@@ -52,6 +52,15 @@ def _vae(latent_channels: int, **extra):
     )
 
 
+def _eval(pipe):
+    """Inference mode for every component: modules built in code start in training mode, where T5's
+    dropout (p=0.1) made the same seed give different images. from_pretrained does this itself."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
 def build_tiny_flux(guidance_embeds: bool = True):
     """FluxPipeline with a 2-block transformer, tiny CLIP and T5, and an 8x VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -70,10 +79,10 @@ def build_tiny_flux(guidance_embeds: bool = True):
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
     )
-    return FluxPipeline(
+    return _eval(FluxPipeline(
         scheduler=scheduler, text_encoder=CLIPTextModel(_clip_config()), tokenizer=tokenizer(77),
         text_encoder_2=t5, tokenizer_2=tokenizer(512), transformer=transformer, vae=vae,
-    )
+    ))
 
 
 def build_tiny_sdxl():
@@ -91,8 +100,8 @@ def build_tiny_sdxl():
     )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
                                        beta_schedule="scaled_linear", timestep_spacing="leading")
-    return StableDiffusionXLPipeline(
+    return _eval(StableDiffusionXLPipeline(
         vae=_vae(4, scaling_factor=0.13025), text_encoder=CLIPTextModel(_clip_config()),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config()), tokenizer=tokenizer(77),
         tokenizer_2=tokenizer(77), unet=unet, scheduler=scheduler,
-    )
+    ))

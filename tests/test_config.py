@@ -1,0 +1,74 @@
+"""Settings.from_env: defaults, parsing, the hub's own HF_HUB_OFFLINE, and bad values naming the variable."""
+
+import pytest
+
+from app.config import Settings, parse_shapes, secret_values
+from app.errors import WorkerBroken
+
+
+def test_defaults_give_the_cpu_demo():
+    s = Settings.from_env({})
+    assert s == Settings()
+    assert (s.model, s.output_uri, s.presign_ttl_s, s.log_format) == ("tiny-flux", "./outputs", 7 * 24 * 3600, "text")
+    assert s.gpu_price_per_hour is None and s.shapes is None and s.hf_offline is False
+
+
+def test_every_field_is_read_from_its_upper_case_variable():
+    env = {"MODEL": "tiny-sdxl", "REVISION": "abc", "OUTPUT_URI": "s3://b/p", "PRESIGN_TTL_S": "60",
+           "GPU_PRICE_PER_HOUR": "2.5", "LOG_FORMAT": "json", "LOG_LEVEL": "debug", "DEVICE": "cpu",
+           "PRECISION": "bf16", "COMPILE": "off", "ATTENTION": "cudnn", "SHAPES": "512x512", "COMPILE_CACHE_URI": "s3://b/cc",
+           "WEIGHTS_URI": "s3://b/w", "CACHE_DIR": "/c", "JOB_TIMEOUT_S": "12.5", "PREFLIGHT": "0",
+           "WARMUP": "false", "HF_OFFLINE": "true"}
+    assert {f.upper() for f in Settings.model_fields} == set(env)
+    s = Settings.from_env(env)
+    assert s.model_dump() == dict(
+        model="tiny-sdxl", revision="abc", hf_offline=True, output_uri="s3://b/p", presign_ttl_s=60,
+        gpu_price_per_hour=2.5, log_format="json", log_level="DEBUG", device="cpu", precision="bf16",
+        compile="off", attention="cudnn", shapes=[(512, 512)], compile_cache_uri="s3://b/cc", weights_uri="s3://b/w",
+        cache_dir="/c", job_timeout_s=12.5, preflight=False, warmup=False)
+
+
+def test_empty_values_mean_default():
+    assert Settings.from_env({"MODEL": "", "PRESIGN_TTL_S": ""}) == Settings()
+
+
+@pytest.mark.parametrize("text, shapes", [
+    ("1024x1024", [(1024, 1024)]),
+    ("1344x768, 768X1344,", [(1344, 768), (768, 1344)]),
+    ("", []),
+])
+def test_shapes_parsing(text, shapes):
+    assert parse_shapes(text) == shapes
+    if text:
+        assert Settings.from_env({"SHAPES": text}).shapes == shapes
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("YES", True), ("0", False), ("", False)])
+def test_hf_hub_offline_is_honoured(value, offline):
+    assert Settings.from_env({"HF_HUB_OFFLINE": value}).hf_offline is offline
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"SHAPES": "banana"}, "SHAPES"),
+    ({"SHAPES": "1024"}, "SHAPES"),
+    ({"PRESIGN_TTL_S": "0"}, "PRESIGN_TTL_S"),
+    ({"PRESIGN_TTL_S": str(8 * 24 * 3600)}, "PRESIGN_TTL_S"),  # S3 presigned URLs live 7 days at most
+    ({"GPU_PRICE_PER_HOUR": "cheap"}, "GPU_PRICE_PER_HOUR"),
+    ({"GPU_PRICE_PER_HOUR": "-1"}, "GPU_PRICE_PER_HOUR"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"DEVICE": "tpu"}, "DEVICE"),
+    ({"PRECISION": "fp4"}, "PRECISION"),
+    ({"ATTENTION": "fast"}, "ATTENTION"),
+    ({"JOB_TIMEOUT_S": "0"}, "JOB_TIMEOUT_S"),
+    ({"PREFLIGHT": "maybe"}, "PREFLIGHT"),
+])
+def test_a_bad_value_breaks_the_worker_naming_the_variable(env, name):
+    with pytest.raises(WorkerBroken) as e:
+        Settings.from_env(env)
+    assert e.value.field == name and name in e.value.message
+
+
+def test_secret_values_are_collected_for_redaction():
+    env = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "HF_TOKEN": "hf_abcdef", "MODEL": "tiny-flux", "API_TOKEN": "x"}
+    assert sorted(secret_values(env)) == ["hf_abcdef", "s3cr3t-value"]  # 1-char values would redact everything

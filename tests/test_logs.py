@@ -1,0 +1,104 @@
+"""Logging: JSON lines carrying the job id, no prompts at INFO, no credentials or URL signatures."""
+
+import io
+import json
+import sys
+
+import pytest
+from loguru import logger
+
+from app.config import secret_values
+from app.logs import configure_logging, redact, strip_query
+from app.storage import open_store
+from tests.conftest import AWS_ENV
+
+FAST = {"num_inference_steps": 2}
+# The tiny tokenizer knows these words; past 77 tokens they are cut, and diffusers' own warning
+# used to print the cut-off words.
+LONG_PROMPT = " ".join(["cat"] * 80) + " purple sunset"
+
+
+@pytest.fixture
+def sink():
+    """configure_logging into a buffer; the default stderr sink is put back afterwards."""
+    buf = io.StringIO()
+    yield buf
+    logger.remove()
+    logger.configure(extra={})
+    logger.add(sys.stderr)
+
+
+def lines(buf: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_json_lines_carry_the_job_id(tiny_flux_service, sink):
+    configure_logging("json", "DEBUG", sink=sink)
+    logger.info("before any job")
+    out = tiny_flux_service.run({"prompt": "a cat", "seed": 1, **FAST}, "job-json-1")
+    tiny_flux_service.run({"prompt": ""}, "job-json-2")
+    records = [r["record"] for r in lines(sink)]
+    assert records[0]["extra"]["job_id"] == "-" and records[0]["message"] == "before any job"
+    ids = [r["extra"]["job_id"] for r in records[1:]]
+    assert len(ids) >= 4 and set(ids) == {"job-json-1", "job-json-2"}
+    assert "error" not in out
+    failed = [r for r in records if r["extra"]["job_id"] == "job-json-2"]
+    assert failed[-1]["level"]["name"] == "WARNING" and "prompt" in failed[-1]["message"]
+
+
+def test_text_lines_carry_the_job_id(tiny_flux_service, sink):
+    configure_logging("text", "INFO", sink=sink)
+    tiny_flux_service.run({"prompt": "a cat", "seed": 1, **FAST}, "job-text-1")
+    text = sink.getvalue().splitlines()
+    assert text and all("[job-text-1]" in line for line in text)
+
+
+def test_the_prompt_is_not_logged_at_info(tiny_flux_service, sink):
+    import logging
+
+    class Collect(logging.Handler):  # the libraries log through the standard logging module
+        def emit(self, record):
+            library.append(self.format(record))
+
+    library: list[str] = []
+    handler = Collect()
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).addHandler(handler)
+    configure_logging("json", "INFO", sink=sink)
+    try:
+        out = tiny_flux_service.run({"prompt": LONG_PROMPT, "seed": 1, **FAST}, "job-private")
+    finally:
+        for name in ("diffusers", "transformers"):
+            logging.getLogger(name).removeHandler(handler)
+    assert "error" not in out
+    everything = sink.getvalue() + "\n".join(library)
+    assert "purple" not in everything and "cat cat" not in everything
+    assert any(r["record"]["extra"]["job_id"] == "job-private" for r in lines(sink))
+    # ...while at DEBUG it is there, for whoever asks for it locally.
+    configure_logging("json", "DEBUG", sink=sink)
+    tiny_flux_service.run({"prompt": LONG_PROMPT, "seed": 1, **FAST}, "job-debug")
+    assert "purple sunset" in sink.getvalue()
+
+
+def test_signatures_and_secrets_are_redacted(sink, s3_env, bucket):
+    configure_logging("json", "DEBUG", secrets=secret_values(s3_env), sink=sink)
+    url = open_store(f"s3://{bucket}/p").put("p/j/0.png", b"x", "image/png").url
+    signature = url.split("X-Amz-Signature=")[1].split("&")[0]
+    logger.info("stored at {}", url)
+    try:
+        raise RuntimeError(f"connect failed with key {AWS_ENV['AWS_SECRET_ACCESS_KEY']}")
+    except RuntimeError:
+        logger.exception("upload failed")
+    text = sink.getvalue()
+    assert "X-Amz-Signature=REDACTED" in text and strip_query(url) in text
+    assert signature not in text
+    assert AWS_ENV["AWS_SECRET_ACCESS_KEY"] not in text and AWS_ENV["AWS_ACCESS_KEY_ID"] not in text
+    assert "RuntimeError" in text  # the traceback is still there, minus the secret
+    assert len(lines(sink)) == 2
+
+
+def test_redact():
+    assert redact("u?X-Amz-Credential=AKIA/x&X-Amz-Signature=abc123 z", []) == (
+        "u?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED z")
+    assert redact("token=hf_abc and s3cr3t", ["s3cr3t"]) == "token=REDACTED and REDACTED"
+    assert strip_query("https://b.s3/k.png?X-Amz-Signature=abc") == "https://b.s3/k.png"
