@@ -92,7 +92,10 @@ def test_baked_fp8_output_close_to_bf16_source(baked):
     with torch.no_grad():
         ref, out = src(**transformer_inputs()).sample, fp8(**transformer_inputs()).sample
     err = ((out - ref).norm() / ref.norm()).item()
-    assert 0 < err < 0.02, err  # FP8 weights and activations, tiny model; measured 0.0047
+    # FP8 per-row weights (FP8Linear's CPU path: codes x scale, activations unquantized; the exact
+    # codes are checked above); tiny model, measured 0.0034. On the GPU (activations FP8 per row
+    # too) the bench measures the full-size model: bench/results/weights_*.json.
+    assert 0 < err < 0.02, err
 
 
 def test_baked_pipeline_generates_through_load_pipeline(baked):
@@ -235,3 +238,29 @@ def test_cli_inspect_external_file(tmp_path, capsys):
     assert main(["inspect", str(src)]) == 2
     bad = json.loads(capsys.readouterr().out)
     assert bad["unscaled"] == ["double_blocks.0.img_mlp.0.weight"] and "refusing" in bad["problem"]
+
+
+def service(model: str, tmp_path):
+    from app.config import Settings
+    from app.service import Service
+
+    return Service.load(Settings(model=model, output_uri=str(tmp_path / "out"), preflight=False, device="cpu",
+                                 warmup=False, cache_dir=str(tmp_path / "cache")))
+
+
+def test_service_takes_defaults_from_the_baked_source_not_the_path(baked, tmp_path):
+    """MODEL=<baked tiny-flux dir>: the tiny defaults (256x256, 4 steps), as in the container test."""
+    svc = service(str(baked), tmp_path)
+    assert svc.pipe.source_model == "tiny-flux" and svc.defaults == FLUX.tiny_defaults
+    result = svc.run({"prompt": "a red cat", "seed": 1}, "job-1")
+    assert "error" not in result, result
+    assert (result["images"][0]["width"], result["images"][0]["height"]) == (256, 256)
+
+
+def test_a_plain_directory_keeps_the_family_defaults(tmp_path):
+    """The control: without a manifest the directory is the source, so FLUX.1's own defaults apply."""
+    from app.tiny import build_tiny_flux
+
+    build_tiny_flux().save_pretrained(tmp_path / "plain")
+    svc = service(str(tmp_path / "plain"), tmp_path)
+    assert svc.pipe.source_model == str(tmp_path / "plain") and svc.defaults == FLUX.defaults
