@@ -77,7 +77,8 @@ def test_import_keeps_codes_and_scales(tmp_path, fmt, source):
 def test_imported_forward_matches_source(tmp_path, fmt, source):
     _, out, _ = _import(tmp_path, fmt, source)
     denoiser = load_denoiser(out, mf.read(out), CPU)
-    # FP8 weights and per-row FP8 activations on a 32-wide model; the noise control below is ~1.
+    # FP8 weights on a 32-wide model (FP8Linear's CPU path: codes x scale); measured 0.061 per-tensor,
+    # 0.036 per-channel scales; the noise control below is 0.55.
     assert rel_err(denoiser, source[0]) < 0.10
 
 
