@@ -67,8 +67,8 @@ RUN python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash \
         "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null \
     || echo "compileall: some non-Python files in site-packages were skipped"
 
-# Weights. The bake needs the weights/ package and the parts of app/ it imports (families, plan,
-# loader, FP8 recipe); only those are copied here, so a change to the service, schema, storage, handler or
+# Weights. The bake needs the weights/ package and the parts of app/ it imports (family registry,
+# plan, model resolution, the quantize step and FP8Linear); only those are copied here, so a change to the service, schema, storage, handler or
 # preflight does not re-bake 17+ GB. If weights/ starts importing another app/ module, add it to this
 # COPY: tests/test_container.py bakes the tiny model from exactly these files and fails until then.
 WORKDIR /app

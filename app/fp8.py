@@ -9,6 +9,9 @@ and cast fuse into the producer of `x`.
 
 Numerics: weight scale = row amax / 448, weight = round_e4m3(w / scale), so the dequantized weight
 is `weight.float() * weight_scale` (the same rule as ComfyUI / compressed-tensors per-channel).
+
+Everything here also works on the meta device: the loader builds a baked denoiser's skeleton on
+meta, swaps its linears with `swap_linears` exactly as the bake did, then assigns the stored tensors.
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ from torch import nn
 
 E4M3_MAX = 448.0
 FP8 = torch.float8_e4m3fn
+# torch._scaled_mm (cuBLASLt FP8) requires K and N to be multiples of 16; other linears stay as they are.
+ALIGN = 16
+
+
+def fits_scaled_mm(lin: nn.Linear) -> bool:
+    """Whether `torch._scaled_mm` can run this linear (in_features and out_features multiples of 16)."""
+    return lin.in_features % ALIGN == 0 and lin.out_features % ALIGN == 0
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +57,19 @@ class FP8Linear(nn.Module):
         q.bias = None if lin.bias is None else lin.bias.data
         return q
 
+    def _apply(self, fn, recurse=True):
+        """`module.to(dtype)` / `.half()` must move the codes and scales, never cast them: float8 counts
+        as a floating dtype, so a pipeline-wide `.to(torch.bfloat16)` would otherwise turn the codes into
+        numbers (noise) and round the fp32 scales. The output dtype follows the cast."""
+        kept = {n: getattr(self, n) for n in ("weight", "weight_scale")}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = getattr(self, n)
+            if new.dtype != old.dtype:
+                setattr(self, n, old.to(new.device))
+        self.out_dtype = self.bias.dtype if self.bias is not None else fn(torch.empty(0, dtype=self.out_dtype)).dtype
+        return self
+
     def dequantized_weight(self) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale).to(self.out_dtype)
 
@@ -72,14 +95,15 @@ class FP8Linear(nn.Module):
 
 
 def swap_linears(module: nn.Module, keep, make=FP8Linear.from_linear) -> list[str]:
-    """Replace every nn.Linear under `module` whose qualified name `keep(name)` rejects; return swapped names.
+    """Replace every nn.Linear under `module` that `keep(name)` rejects and `fits_scaled_mm`; return swapped names.
 
+    Idempotent: an FP8Linear is not an nn.Linear, so a second call swaps nothing and returns [].
     Modules are replaced one at a time so the bf16 weight of each is freed as its FP8 copy appears:
     peak memory stays near the bf16 size instead of bf16 + FP8.
     """
     swapped = []
     for name, child in list(module.named_modules()):
-        if isinstance(child, nn.Linear) and not keep(name):
+        if isinstance(child, nn.Linear) and fits_scaled_mm(child) and not keep(name):
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, attr, make(child))

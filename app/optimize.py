@@ -4,8 +4,9 @@ Order (each step depends on the ones before it):
   1. dtype          bf16 on GPU (done at load: the pipeline is built or loaded in plan.torch_dtype)
   2. fuse_qkv       fuse Q/K/V projections into one GEMM; must precede quantization, which would
                     otherwise freeze three separate weights (torchao even raises on fusing after)
-  3. quantize       FP8 (sm_89+): our FP8Linear on the denoiser's block linears, family skip list
-                    kept bf16; INT8 (sm_80/86): torchao dynamic int8 with the same skip list
+  3. quantize       `quantize_denoiser` (shared with the bake and the baked loader): FP8 (sm_89+)
+                    our FP8Linear on the denoiser's block linears, family skip list kept bf16;
+                    INT8 (sm_80/86) torchao dynamic int8 with the same skip list; a no-op when baked
   4. attention      the kernel chosen per GPU (app.attention)
   5. channels_last  the VAE's convolutions, when measured faster (off by default: see bench)
   6. compile        regional (each repeated block class once: short compile) | full | off
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from loguru import logger
 
-from app.fp8 import swap_linears
+from app.fp8 import fits_scaled_mm, swap_linears
 
 
 @dataclass(frozen=True)
@@ -50,35 +51,71 @@ def _denoiser(pipe, family):
     return getattr(pipe, family.denoiser)
 
 
-# fused module -> the unfused projections it replaces (cross-attention fuses only K and V: `to_q`
-# stays in use there, as the SDXL UNet's attn2 shows).
-_REPLACES = {
-    "to_qkv": ("to_q", "to_k", "to_v"),
-    "to_kv": ("to_k", "to_v"),
-    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
-}
+# Projections made redundant by each fused one (diffusers' `fuse_projections`): self-attention gets
+# `to_qkv`, cross-attention (SDXL) only `to_kv` (its `to_q` stays in use), FLUX's text stream `to_added_qkv`.
+_FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
+          "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
+@torch.no_grad()
 def fuse_qkv(denoiser) -> int:
     """Fuse Q/K/V (and the text stream's) projections; drop the unfused copies; return params freed.
 
-    diffusers' `fuse_qkv_projections()` adds `to_qkv` / `to_kv` / `to_added_qkv` but keeps the
-    projections they replace alive though they are never used again: on FLUX.1-dev that is 2.15 B
-    parameters, 4.3 GB of dead bf16 weights (and FP8 copies of them if quantized afterwards).
+    diffusers' `fuse_qkv_projections()` adds `to_qkv` / `to_added_qkv` but keeps `to_q`, `to_k`,
+    `to_v`, ... alive though they are never used again: on FLUX.1-dev that is 2.15 B parameters,
+    4.3 GB of dead bf16 weights (and FP8 copies of them if quantized afterwards). Idempotent, and
+    works on the meta device (how the loader rebuilds a baked skeleton).
     """
-    if not hasattr(denoiser, "fuse_qkv_projections") or any(
-            hasattr(m, fused) for m in denoiser.modules() for fused in _REPLACES):
+    if not hasattr(denoiser, "fuse_qkv_projections") or \
+            any(getattr(m, "fused_projections", False) for m in denoiser.modules()):
         return 0
     denoiser.fuse_qkv_projections()
     freed = 0
     for module in denoiser.modules():
-        for fused, replaced in _REPLACES.items():
+        if not getattr(module, "fused_projections", False):
+            continue
+        for fused, originals in _FUSED.items():
             if isinstance(getattr(module, fused, None), torch.nn.Module):
-                for name in replaced:
-                    if isinstance(getattr(module, name, None), torch.nn.Module):
-                        freed += sum(p.numel() for p in getattr(module, name).parameters())
-                        delattr(module, name)
+                for name in originals:
+                    if isinstance(module._modules.get(name), torch.nn.Module):
+                        freed += sum(p.numel() for p in module._modules[name].parameters())
+                        del module._modules[name]
     return freed
+
+
+def _is_torchao(tensor) -> bool:
+    return type(tensor).__module__.startswith("torchao")
+
+
+@torch.no_grad()
+def quantize_denoiser(denoiser, family, precision: str) -> list[str]:
+    """Fuse QKV, then quantize the denoiser's linears in place; return the names quantized.
+
+    The one quantization step of the project: the runtime recipe, `weights bake` (before writing)
+    and the baked loader (on the meta skeleton, so its modules match the stored tensors) all call it.
+    Which linears: every `nn.Linear` the family does not skip (`Family.skips`: embedders, final
+    projection, norm/modulation stay in high precision) whose in/out features are multiples of 16.
+      fp8   our `FP8Linear` (row-wise e4m3 weight + fp32 scale, `torch._scaled_mm`); no torchao: its
+            Float8Tensor subclass took 224 s of regional compile for 6 FLUX blocks vs 2.1 s for
+            FP8Linear at the same step time (bench/results/probe_h100_1.json)
+      int8  torchao's Int8DynamicActivationInt8WeightConfig (sm_80/86, where FP8 has no kernel)
+      bf16/fp32/none  fuse only
+    Idempotent: an already quantized denoiser returns [] and is left unchanged.
+    """
+    fuse_qkv(denoiser)
+    if precision == "fp8":
+        return swap_linears(denoiser, keep=family.skips)
+    if precision == "int8":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        chosen = {n for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear) and fits_scaled_mm(m)
+                  and not family.skips(n) and not _is_torchao(m.weight)}
+        if chosen:
+            quantize_(denoiser, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: fqn in chosen)
+        return sorted(chosen)
+    if precision in ("bf16", "fp32", "none"):
+        return []
+    raise ValueError(f"unknown precision {precision!r} (fp8, int8, bf16 or none)")
 
 
 def _fuse_qkv(pipe, family, recipe):
@@ -87,15 +124,9 @@ def _fuse_qkv(pipe, family, recipe):
 
 
 def _quantize(pipe, family, recipe):
-    den = _denoiser(pipe, family)
-    if recipe.quantize == "fp8":
-        swapped = swap_linears(den, keep=family.skips)
-        logger.info("fp8: {} linears quantized, skip list kept in bf16", len(swapped))
-    elif recipe.quantize == "int8":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-        quantize_(den, Int8DynamicActivationInt8WeightConfig(),
-                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and not family.skips(name))
+    done = quantize_denoiser(_denoiser(pipe, family), family, recipe.quantize)
+    logger.info("{}: {} linears quantized (0: already quantized, e.g. baked), skip list kept in high precision",
+                recipe.quantize, len(done))
 
 
 def _attention(pipe, family, recipe):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from loguru import logger
@@ -18,7 +18,9 @@ from loguru import logger
 from app.errors import WorkerBroken
 from app.families import Family, family_for_pipeline_class, family_for_tiny
 from app.plan import Plan
-from app.schema import Job
+
+if TYPE_CHECKING:  # the bake imports this module (resolve_model); the job schema is not in its layer
+    from app.schema import Job
 
 StepCallback = Callable[[int, int], None]
 
@@ -46,7 +48,11 @@ def resolve_model(model: str, revision: str | None = None, offline: bool = False
 def load_pipeline(model: str, plan: Plan, revision: str | None = None, offline: bool = False,
                   weights_uri: str | None = None, cache_dir: str = "/tmp/diffusion-worker"):
     """(pipeline on plan.device in plan's dtype, family). Baked directories go through weights.load;
-    WEIGHTS_URI (a baked directory on S3) takes precedence over MODEL and is streamed, hash-checked."""
+    WEIGHTS_URI (a baked directory on S3) takes precedence over MODEL and is streamed, hash-checked.
+
+    `pipe.source_model` names the model the weights come from: MODEL for a tiny build or a hub id /
+    plain directory, the manifest's source for a baked directory or a stream (a baked tiny-flux is
+    still tiny-flux: it gets the tiny defaults, 256x256 in 4 steps, not FLUX.1's 1024x1024 in 28)."""
     if weights_uri:
         from weights.stream import stream_baked
 
@@ -60,13 +66,15 @@ def load_pipeline(model: str, plan: Plan, revision: str | None = None, offline: 
     elif local and (Path(local) / "manifest.json").is_file():
         from weights.load import load_baked
 
-        pipe = load_baked(local, plan)
+        pipe = load_baked(local, plan)  # sets source_model from the manifest
     else:
         import diffusers
 
         cls = getattr(diffusers, family.pipeline_class)
         pipe = cls.from_pretrained(local or model, revision=revision, torch_dtype=plan.torch_dtype,
                                    local_files_only=offline).to(plan.device)
+    if getattr(pipe, "source_model", None) is None:
+        pipe.source_model = model
     pipe.set_progress_bar_config(disable=True)
     # diffusers warns with the cut-off part of a long prompt ("...was truncated...: ['<prompt text>']"),
     # which would put prompts in the worker's log at WARNING. Loading is done: keep only its errors.

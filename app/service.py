@@ -37,7 +37,8 @@ def timed(timings: dict, name: str):
 class Service:
     def __init__(self, pipe, family, settings: Settings, plan: Plan, store: OutputStore, cold_start: dict):
         self.pipe, self.family, self.settings, self.plan, self.store = pipe, family, settings, plan, store
-        self.defaults = family.tiny_defaults if settings.model.startswith("tiny-") else family.variant_defaults(pipe)
+        self.source = getattr(pipe, "source_model", None) or settings.model  # a baked tiny-flux is tiny too
+        self.defaults = family.tiny_defaults if self.source.startswith("tiny-") else family.variant_defaults(pipe)
         self.cold_start = cold_start  # reported with the first result, then dropped
         self.broken = False
 
@@ -150,7 +151,7 @@ def _poisoned(e: RuntimeError) -> bool:
 
 def _buckets(settings: Settings, family, service: Service) -> list[tuple[int, int]]:
     """Warm-up shapes: SHAPES, else the tiny model's default size, else the family's buckets."""
-    if settings.model.startswith("tiny-"):
+    if service.source.startswith("tiny-"):
         return [(service.defaults.width, service.defaults.height)]
     return list(family.shapes)
 

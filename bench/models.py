@@ -23,6 +23,18 @@ def reinit(module, std: float = 0.02) -> None:
                 p.zero_()
 
 
+def build_flux_transformer(device: str = "cuda", dtype=torch.bfloat16, guidance_embeds: bool = True):
+    """FLUX.1-dev's 11.9B transformer alone, random, as `build_flux_dev` builds it (same seed, same
+    init); needs diffusers only, not transformers (the weights bench carries no text encoders)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(guidance_embeds=guidance_embeds).to(dtype)
+    reinit(transformer)
+    return transformer.eval()
+
+
 def build_flux_dev(device: str = "cuda", dtype=torch.bfloat16, guidance_embeds: bool = True):
     """FLUX.1-dev shape: 11.9B transformer, T5-XXL (4.76B), CLIP-L, 16-channel VAE."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from app.families import FLUX
+from app.fp8 import FP8Linear, quantize_rows
+from app.optimize import quantize_denoiser
 from app.plan import Plan
 from weights import manifest as mf
 from weights.bake import bake
 from weights.errors import IntegrityError
 from weights.load import load_baked
-from weights.quantize import is_quantized, quantize_denoiser
 
 CPU = Plan("cpu", "fp32")
 
@@ -54,14 +55,33 @@ def test_manifest_records_recipe_versions_and_hashes(baked):
     assert mf.verify(baked)["ok"]
 
 
+def linears(t):
+    return {n: m for n, m in t.named_modules() if isinstance(m, (torch.nn.Linear, FP8Linear))}
+
+
 def test_baked_structure_follows_the_skip_list(baked):
     t = load_baked(baked, CPU).transformer
-    for name, mod in t.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            assert is_quantized(mod.weight) != FLUX.skips(name), name
+    layers = linears(t)
+    assert sum(isinstance(m, FP8Linear) for m in layers.values()) == 14
+    for name, mod in layers.items():
+        assert isinstance(mod, FP8Linear) != FLUX.skips(name), name
     attn = t.single_transformer_blocks[0].attn
-    assert attn.fused_projections and not hasattr(attn, "to_q") and attn.to_qkv.weight.qdata.dtype == torch.float8_e4m3fn
+    assert attn.fused_projections and not hasattr(attn, "to_q") and attn.to_qkv.weight.dtype == torch.float8_e4m3fn
+    assert attn.to_qkv.weight_scale.dtype == torch.float32 and attn.to_qkv.weight_scale.shape == (attn.to_qkv.out_features, 1)
+    assert attn.to_qkv.bias.dtype == torch.float32 and attn.to_qkv.out_dtype == torch.float32  # the plan's dtype
     assert t.x_embedder.weight.dtype == torch.float32  # plan dtype for high-precision layers
+
+
+def test_baked_tensors_are_the_per_row_quantization_of_the_source(baked):
+    """The stored codes and scales are exactly `quantize_rows` of the bf16 source's fused weight."""
+    from app.tiny import build_tiny_flux
+
+    src = build_tiny_flux().transformer.to(torch.bfloat16).state_dict()
+    qkv = torch.cat([src[f"transformer_blocks.0.attn.to_{p}.weight"] for p in "qkv"])
+    codes, scale = quantize_rows(qkv)
+    layer = load_baked(baked, CPU).transformer.transformer_blocks[0].attn.to_qkv
+    assert torch.equal(layer.weight.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(layer.weight_scale, scale)
 
 
 def test_baked_fp8_output_close_to_bf16_source(baked):
@@ -72,7 +92,10 @@ def test_baked_fp8_output_close_to_bf16_source(baked):
     with torch.no_grad():
         ref, out = src(**transformer_inputs()).sample, fp8(**transformer_inputs()).sample
     err = ((out - ref).norm() / ref.norm()).item()
-    assert 0 < err < 0.02, err  # FP8 weights and activations, tiny model; measured 0.0047
+    # FP8 per-row weights (FP8Linear's CPU path: codes x scale, activations unquantized; the exact
+    # codes are checked above); tiny model, measured 0.0034. On the GPU (activations FP8 per row
+    # too) the bench measures the full-size model: bench/results/weights_*.json.
+    assert 0 < err < 0.02, err
 
 
 def test_baked_pipeline_generates_through_load_pipeline(baked):
@@ -86,17 +109,77 @@ def test_baked_pipeline_generates_through_load_pipeline(baked):
 
 def test_quantize_is_idempotent_on_a_baked_denoiser(baked):
     t = load_baked(baked, CPU).transformer
-    before = {n: p.qdata.clone() for n, p in t.named_parameters() if is_quantized(p)}
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    modules = {n: type(m) for n, m in t.named_modules()}
     assert quantize_denoiser(t, FLUX, "fp8") == []
-    after = {n: p.qdata for n, p in t.named_parameters() if is_quantized(p)}
-    assert before.keys() == after.keys() and all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)
+    after = t.state_dict()
+    assert modules == {n: type(m) for n, m in t.named_modules()} and before.keys() == after.keys()
+    assert all(before[k].dtype == after[k].dtype and torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8))
+               for k in before)
+
+
+def test_quantize_denoiser_runs_on_meta_and_matches_the_real_structure():
+    """The loader's skeleton: the same function on meta tensors gives the same names, shapes, dtypes."""
+    from app.tiny import build_tiny_flux
+
+    real = build_tiny_flux().transformer.to(torch.bfloat16)
+    with torch.device("meta"):
+        meta = type(real).from_config(real.config).to(torch.bfloat16)
+    assert quantize_denoiser(real, FLUX, "fp8") == quantize_denoiser(meta, FLUX, "fp8")
+    sig = lambda m: {k: (v.dtype, tuple(v.shape)) for k, v in m.state_dict().items()}  # noqa: E731
+    assert sig(real) == sig(meta) and all(v.is_meta for v in meta.state_dict().values())
+
+
+def test_linears_that_scaled_mm_cannot_run_stay_unquantized():
+    """torch._scaled_mm needs in/out features multiples of 16: a [24 x 40] linear is left as is."""
+    from app.families import Family, Defaults
+
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 24), torch.nn.Linear(24, 16))
+    fam = Family("t", "X", "unet", Defaults(256, 256, 1, 1.0))
+    assert quantize_denoiser(net, fam, "fp8") == ["0"]
+    assert [type(m).__name__ for m in net] == ["FP8Linear", "Linear", "Linear"]
+
+
+def test_module_to_dtype_moves_fp8_codes_without_casting_them(baked):
+    """A pipeline-wide `.to(torch.bfloat16)` must not turn FP8 codes into numbers."""
+    t = load_baked(baked, CPU).transformer
+    layer = t.transformer_blocks[0].attn.to_qkv
+    codes, scale = layer.weight.clone(), layer.weight_scale.clone()
+    t.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.float8_e4m3fn and torch.equal(layer.weight.view(torch.uint8), codes.view(torch.uint8))
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+    assert layer.bias.dtype == layer.out_dtype == torch.bfloat16
 
 
 def test_bf16_bake_has_no_quantized_layers(tmp_path):
     m = bake("tiny-flux", tmp_path / "b", "bf16", device="cpu")
     assert m["recipe"]["quantized_layers"] == 0
     t = load_baked(tmp_path / "b", CPU).transformer
-    assert not any(is_quantized(p) for p in t.parameters()) and t.transformer_blocks[0].attn.fused_projections
+    assert not any(isinstance(m, FP8Linear) for m in t.modules()) and t.transformer_blocks[0].attn.fused_projections
+    assert {v.dtype for v in t.state_dict().values()} == {torch.float32}
+
+
+def test_fp8_file_into_a_bf16_skeleton_fails_naming_the_tensor(copy):
+    """Strict loading: a manifest claiming bf16 over FP8 shards is refused, naming a tensor."""
+    m = json.loads((copy / "manifest.json").read_text())
+    m["recipe"]["precision"] = "bf16"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match=r"unexpected tensors, the denoiser has no \[.*weight_scale"):
+        load_baked(copy, CPU)
+
+
+def test_missing_tensor_fails_naming_it(copy):
+    from safetensors.torch import load_file, save_file
+
+    path = shard(copy)
+    tensors = load_file(str(path))
+    del tensors["transformer_blocks.0.attn.to_qkv.weight_scale"]
+    save_file(tensors, str(path))
+    m = json.loads((copy / "manifest.json").read_text())
+    m["files"][f"transformer/{path.name}"]["size"] = path.stat().st_size
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match=r"lacks 1 tensors, missing e.g. \['transformer_blocks.0.attn.to_qkv.weight_scale'\]"):
+        load_baked(copy, CPU)
 
 
 def test_truncated_shard_fails_naming_the_file(copy):
@@ -136,6 +219,7 @@ def test_cli_verify_inspect(baked, copy, capsys):
     assert main(["inspect", str(baked)]) == 0
     report = json.loads(capsys.readouterr().out.split("\n}\n")[1] + "\n}")
     assert report["quantized_layers"] == 14 and report["dtypes"]["F8_E4M3"] == 14
+    assert report["fp8_weights_with_scale"] == 14 and report["unscaled"] == []
     (copy / "model_index.json").write_text("{}")
     assert main(["verify", str(copy)]) == 2
     assert "model_index.json" in capsys.readouterr().err
@@ -154,3 +238,29 @@ def test_cli_inspect_external_file(tmp_path, capsys):
     assert main(["inspect", str(src)]) == 2
     bad = json.loads(capsys.readouterr().out)
     assert bad["unscaled"] == ["double_blocks.0.img_mlp.0.weight"] and "refusing" in bad["problem"]
+
+
+def service(model: str, tmp_path):
+    from app.config import Settings
+    from app.service import Service
+
+    return Service.load(Settings(model=model, output_uri=str(tmp_path / "out"), preflight=False, device="cpu",
+                                 warmup=False, cache_dir=str(tmp_path / "cache")))
+
+
+def test_service_takes_defaults_from_the_baked_source_not_the_path(baked, tmp_path):
+    """MODEL=<baked tiny-flux dir>: the tiny defaults (256x256, 4 steps), as in the container test."""
+    svc = service(str(baked), tmp_path)
+    assert svc.pipe.source_model == "tiny-flux" and svc.defaults == FLUX.tiny_defaults
+    result = svc.run({"prompt": "a red cat", "seed": 1}, "job-1")
+    assert "error" not in result, result
+    assert (result["images"][0]["width"], result["images"][0]["height"]) == (256, 256)
+
+
+def test_a_plain_directory_keeps_the_family_defaults(tmp_path):
+    """The control: without a manifest the directory is the source, so FLUX.1's own defaults apply."""
+    from app.tiny import build_tiny_flux
+
+    build_tiny_flux().save_pretrained(tmp_path / "plain")
+    svc = service(str(tmp_path / "plain"), tmp_path)
+    assert svc.pipe.source_model == str(tmp_path / "plain") and svc.defaults == FLUX.defaults

@@ -8,9 +8,12 @@ import boto3
 import pytest
 import torch
 
+from app.families import FLUX
+from app.fp8 import FP8Linear
 from app.plan import Plan
 from weights.bake import bake
 from weights.errors import IntegrityError
+from weights.load import load_baked
 from weights.stream import stream_baked
 
 CPU = Plan("cpu", "fp32")
@@ -59,8 +62,12 @@ def test_stream_loads_a_working_pipeline(baked, bucket, tmp_path, monkeypatch):
     upload(baked, bucket, "models/tiny")
     pipe, family = stream_baked(f"s3://{bucket}/models/tiny", CPU, tmp_path / "cache")
     assert family.name == "flux"
-    w = pipe.transformer.transformer_blocks[0].attn.to_qkv.weight
-    assert type(w).__name__ == "Float8Tensor"
+    layer = pipe.transformer.transformer_blocks[0].attn.to_qkv
+    assert isinstance(layer, FP8Linear) and layer.weight.dtype == torch.float8_e4m3fn
+    local = load_baked(baked, CPU).transformer.state_dict()  # the same bytes as the local load
+    streamed = pipe.transformer.state_dict()
+    assert streamed.keys() == local.keys()
+    assert all(torch.equal(streamed[k].view(torch.uint8), local[k].view(torch.uint8)) for k in local)
     image = pipe(prompt="a cat", width=256, height=256, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 256, 256, 3)
 
@@ -73,7 +80,9 @@ def test_service_streams_from_weights_uri(baked, bucket, tmp_path):
     svc = Service.load(Settings(weights_uri=f"s3://{bucket}/w", output_uri=str(tmp_path / "out"), preflight=False,
                                 device="cpu", warmup=False, cache_dir=str(tmp_path / "cache")))
     assert type(svc.pipe.transformer.proj_out.weight) is torch.nn.Parameter
-    assert type(svc.pipe.transformer.transformer_blocks[0].ff.net[2].weight).__name__ == "Float8Tensor"
+    assert isinstance(svc.pipe.transformer.transformer_blocks[0].ff.net[2], FP8Linear)
+    # The manifest's source decides the defaults: a streamed tiny-flux is still the tiny model.
+    assert svc.pipe.source_model == "tiny-flux" and svc.defaults == FLUX.tiny_defaults
 
 
 def test_truncated_object_fails_before_loading(baked, bucket, tmp_path):

@@ -2,8 +2,10 @@
 
 The source is `tiny-flux`/`tiny-sdxl` (built in code), a local diffusers directory, or a Hugging
 Face id (downloaded with huggingface_hub). Every component except the denoiser is written by its
-own `save_pretrained` (bf16); the denoiser goes through `quantize_denoiser` (the runtime recipe's
-own step: fused QKV, then FP8 per-row on the block linears) and `serialize.write_denoiser`.
+own `save_pretrained` (bf16); the denoiser goes through `app.optimize.quantize_denoiser` (the
+runtime recipe's own step: fused QKV, then `FP8Linear` per-row on the block linears) and
+`serialize.write_denoiser` (its state_dict as plain safetensors shards). Quantizing is the same
+arithmetic on a CPU build machine and on a GPU (`app.fp8.quantize_rows`: amax, divide, cast).
 The output appears atomically: it is written to `OUT.partial` and renamed when complete.
 """
 
@@ -16,10 +18,16 @@ import torch
 from loguru import logger
 
 from app.families import Family
+from app.optimize import quantize_denoiser
 from app.pipeline import resolve_model
 from weights import manifest as mf
-from weights.quantize import quant_config, quantize_denoiser
 from weights.serialize import write_denoiser
+
+
+# What each precision's baked denoiser holds, recorded in the manifest.
+RECIPES = {"fp8": "fp8-rowwise FP8Linear (e4m3 weight, fp32 per-row weight_scale, torch._scaled_mm)",
+           "int8": "torchao Int8DynamicActivationInt8WeightConfig (torchao safetensors layout)",
+           "bf16": "bf16, QKV fused"}
 
 
 def load_source(model: str, revision: str | None = None, offline: bool = False):
@@ -47,6 +55,8 @@ def save_components(pipe, family: Family, out: Path) -> None:
 def bake(model: str, out: str | Path, precision: str = "fp8", revision: str | None = None,
          offline: bool = False, device: str | None = None) -> dict:
     """Write a baked directory at `out`; return its manifest."""
+    if precision not in RECIPES:
+        raise ValueError(f"unknown precision {precision!r} (one of {', '.join(RECIPES)})")
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,7 +74,7 @@ def bake(model: str, out: str | Path, precision: str = "fp8", revision: str | No
         "source": source,
         "family": family.name,
         "denoiser": family.denoiser,
-        "recipe": {"precision": precision, "fused_qkv": True, "config": repr(quant_config(precision)),
+        "recipe": {"precision": precision, "fused_qkv": True, "config": RECIPES[precision],
                    "skip": list(family.quant_skip), "quantized_layers": len(quantized)},
         "vram_gib": family.vram_gib.get(precision),
     })

@@ -157,7 +157,7 @@ def _take_fp8(ckpt: Checkpoint, key: str, codes: torch.Tensor, tensors: dict, fo
     rs = row_scale(key, codes, tensors[skey], fmt, ckpt)
     if rs is None or codes.dtype != torch.float8_e4m3fn:
         # Per-block scales or e5m2 codes do not fit the per-row e4m3 recipe: dequantize (exactly, in
-        # fp32) and let the importer keep the layer in high precision.
+        # fp32); the importer re-quantizes the layer per row (or keeps it bf16 if the skip list says so).
         ckpt.count("per-block" if rs is None else "e5m2")
         ckpt.plain[key] = dequantize_blocks(codes, tensors[skey]) if rs is None else codes.to(torch.float32) * rs
         return

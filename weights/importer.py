@@ -1,10 +1,18 @@
 """Import a published single-file FP8 FLUX checkpoint into a baked directory.
 
-The FP8 codes are kept bit for bit: key names are mapped (flux_keys), row operations are applied to
-the codes as bytes and to their `[out, 1]` scales alike, and fused QKV is the concatenation of
-both. Layers our recipe keeps in high precision (embedders, final projection, norm/modulation) are
-dequantized (codes x scale) to bf16 if the publisher quantized them. The result is the same
-structure `bake` writes, so the loader and the stream treat it identically.
+The importer writes a baked directory directly, in the format `bake` writes (FP8Linear: e4m3
+`weight` + fp32 per-row `weight_scale`), with the layer structure decided by the same
+`app.optimize.quantize_denoiser` applied to the meta skeleton, so the loader and the stream treat
+it identically. Per layer:
+  - published codes with per-tensor or per-channel e4m3 scales -> kept bit for bit: a per-tensor
+    scale is the same value on every row, so it is exactly a per-row scale. Key names are mapped
+    (flux_keys), row operations apply to the codes as bytes and to their `[out, 1]` scales alike,
+    and fused QKV is the concatenation of both (rows keep their own scale).
+  - per-block scales or e5m2 codes (granularity or format that is not per-row e4m3), and layers
+    the publisher left in high precision -> dequantized exactly in fp32, then re-quantized per row
+    (`app.fp8.quantize_rows`, what `bake` does to a bf16 weight).
+  - layers our recipe keeps in high precision (embedders, final projection, norm/modulation)
+    -> dequantized (codes x scale) to bf16 if the publisher quantized them.
 """
 
 from __future__ import annotations
@@ -17,11 +25,12 @@ import torch
 from loguru import logger
 
 from app.families import FAMILIES, Family
+from app.fp8 import FP8, FP8Linear, quantize_rows
 from weights import flux_keys, formats
 from weights import manifest as mf
+from weights.bake import RECIPES
 from weights.errors import UnknownFormat
 from weights.load import skeleton
-from weights.quantize import fp8_weight, quant_config
 from weights.serialize import write_denoiser
 
 # (fused module, its parts) inside an attention module, as diffusers' fuse_projections builds them.
@@ -81,8 +90,11 @@ def _dequant(t: torch.Tensor, scale, is_codes: bool) -> torch.Tensor:
     return t.view(torch.float8_e4m3fn).to(torch.float32) * scale
 
 
-def convert(ckpt: formats.Checkpoint, config: dict, family: Family) -> tuple[dict, int]:
-    """(diffusers state dict for the fused skeleton, number of FP8 layers kept as FP8)."""
+def convert(ckpt: formats.Checkpoint, config: dict, fp8_layers: set[str]) -> tuple[dict, int, int]:
+    """(state dict for the baked skeleton, FP8 layers kept bit for bit, FP8 layers re-quantized per row).
+
+    `fp8_layers`: the skeleton's FP8Linear module names (what `quantize_denoiser` swapped).
+    """
     values = {**ckpt.plain, **{k: c.view(torch.uint8) for k, c in ckpt.codes.items()}}  # codes as bytes
     try:
         d_values = flux_keys.to_diffusers(values, config)
@@ -93,17 +105,21 @@ def convert(ckpt: formats.Checkpoint, config: dict, family: Family) -> tuple[dic
     quant = {d for d in d_values if source[d] in ckpt.codes}
     d_scales = {d: s for d, s in d_scales.items() if d in quant}
     _fuse(d_values, d_scales, quant)
-    state, kept = {}, 0
+    state, kept, requantized = {}, 0, 0
     for name, t in d_values.items():
         module = name.removesuffix(".weight")
-        if name in quant and not family.skips(module) and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0:
-            state[name] = fp8_weight(t.view(torch.float8_e4m3fn), d_scales[name])
-            kept += 1
+        if name.endswith(".weight") and module in fp8_layers:
+            if name in quant:  # per-row e4m3 codes: bit for bit
+                state[name], state[f"{module}.weight_scale"] = t.view(FP8), d_scales[name].to(torch.float32)
+                kept += 1
+            else:  # high precision in the file (or dequantized per-block/e5m2): re-quantize per row
+                state[name], state[f"{module}.weight_scale"] = quantize_rows(t.float())
+                requantized += 1
         elif name in quant:
             state[name] = _dequant(t, d_scales[name], True).to(torch.bfloat16)
         else:
             state[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
-    return state, kept
+    return state, kept, requantized
 
 
 def import_checkpoint(src: str | Path, family: str, out: str | Path, config: str | Path | None = None,
@@ -114,27 +130,32 @@ def import_checkpoint(src: str | Path, family: str, out: str | Path, config: str
         raise UnknownFormat(f"import supports the flux family only, not {family!r}")
     ckpt = formats.read(src)
     cfg = read_config(config) if config else infer_flux_config(ckpt.plain, ckpt.codes)
-    state, kept = convert(ckpt, cfg, fam)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / fam.denoiser).mkdir(parents=True)
     (tmp / fam.denoiser / "config.json").write_text(json.dumps(cfg))
-    model = skeleton(tmp / fam.denoiser, fused=True)
-    missing = sorted(set(model.state_dict()) - set(state))
-    if missing:
-        raise UnknownFormat(f"{ckpt.format}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model = skeleton(tmp / fam.denoiser, fam, "fp8", torch.bfloat16)
+    fp8_layers = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    state, kept, requantized = convert(ckpt, cfg, fp8_layers)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UnknownFormat(f"{ckpt.format}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}, and has "
+                            f"{len(unexpected)} the model does not, e.g. {unexpected[:3]}")
     model.load_state_dict(state, strict=True, assign=True)
     write_denoiser(model, tmp / fam.denoiser)
     if base:
         _copy_base(Path(base), tmp, fam)
-    logger.info("imported {} ({}): {} FP8 layers kept bit for bit, scales {}", src, ckpt.format, kept, ckpt.notes)
+    logger.info("imported {} ({}): {} FP8 layers kept bit for bit, {} re-quantized per row, scales {}", src,
+                ckpt.format, kept, requantized, ckpt.notes)
     manifest = mf.write(tmp, {
         "source": {"id": Path(src).name, "revision": None, "format": ckpt.format,
                    "sha256": mf.file_digest(Path(src))["sha256"], "scales": ckpt.notes},
         "family": fam.name, "denoiser": fam.denoiser, "complete": bool(base),
-        "recipe": {"precision": "fp8", "fused_qkv": True, "config": repr(quant_config("fp8")),
-                   "skip": list(fam.quant_skip), "quantized_layers": kept, "imported": True},
+        "recipe": {"precision": "fp8", "fused_qkv": True, "config": RECIPES["fp8"],
+                   "skip": list(fam.quant_skip), "quantized_layers": kept + requantized, "imported": True,
+                   "kept_bit_for_bit": kept, "requantized_per_row": requantized},
         "vram_gib": fam.vram_gib.get("fp8"),
     })
     shutil.rmtree(out, ignore_errors=True)

@@ -24,21 +24,30 @@ def _header(path: Path) -> dict:
 
 
 def inspect_baked(root: Path) -> dict:
+    """Recipe, dtypes and quantized layers of a baked directory, from the safetensors headers.
+
+    FP8 layers are counted from the tensors themselves (an e4m3 `.weight` with its `.weight_scale`
+    beside it), int8 ones from torchao's type records in the header.
+    """
     manifest = mf.read(root)
-    dtypes, types = Counter(), Counter()
+    dtypes, types, den = Counter(), Counter(), {}
     for name in manifest["files"]:
         if not name.endswith(".safetensors"):
             continue
         header = _header(root / name)
         meta = header.pop("__metadata__", {}) or {}
         dtypes.update(info["dtype"] for info in header.values())
-        if name.startswith(manifest["denoiser"] + "/") and "tensor_names" in meta:
-            types.update(json.loads(meta[k])["_type"] for k in json.loads(meta["tensor_names"]))
+        if name.startswith(manifest["denoiser"] + "/"):
+            den.update({k: info["dtype"] for k, info in header.items()})
+            if "tensor_names" in meta:
+                types.update(json.loads(meta[k])["_type"] for k in json.loads(meta["tensor_names"]))
+    fp8 = [k for k, d in den.items() if d == "F8_E4M3" and k.endswith(".weight")]
+    unscaled = sorted(k for k in fp8 if den.get(k.removesuffix(".weight") + ".weight_scale") != "F32")
     return {"path": str(root), "format": f"baked ({manifest['recipe']['precision']})", "source": manifest["source"],
             "recipe": manifest["recipe"], "versions": manifest["versions"], "files": len(manifest["files"]),
             "weights_bytes": manifest["weights_bytes"], "dtypes": dict(dtypes),
-            "denoiser_tensor_types": dict(types), "quantized_layers": types.get("Float8Tensor", 0)
-            + types.get("Int8Tensor", 0)}
+            "fp8_weights": len(fp8), "fp8_weights_with_scale": len(fp8) - len(unscaled), "unscaled": unscaled[:10],
+            "denoiser_tensor_types": dict(types), "quantized_layers": len(fp8) + types.get("Int8Tensor", 0)}
 
 
 def inspect_file(path: Path) -> dict:

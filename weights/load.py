@@ -1,9 +1,11 @@
-"""Load a baked directory: denoiser skeleton on the meta device, quantized tensors straight in.
+"""Load a baked directory: denoiser skeleton on the meta device, stored tensors straight in.
 
-No bf16 copy of a quantized weight ever exists and nothing is re-quantized: safetensors puts each
-stored tensor (FP8 codes, float32 scales, bf16 norms) on the target device, torchao's unflatten
-rebuilds the `Float8Tensor`s around them, and `load_state_dict(assign=True)` swaps them in for the
-meta parameters. Host RAM holds at most one tensor at a time, VRAM the FP8 size.
+The skeleton is built from the denoiser's config.json on the meta device and given the baked
+structure by the same `app.optimize.quantize_denoiser` the bake ran (fused QKV, `FP8Linear` on the
+quantized linears), so its state_dict names and dtypes are those of the files. safetensors then
+puts each stored tensor (FP8 codes, float32 scales, bf16 norms and biases) on the target device and
+one `load_state_dict(strict=True, assign=True)` swaps them in. No bf16 copy of a quantized weight
+ever exists and nothing is re-quantized: VRAM peaks at the FP8 size, host RAM at one tensor.
 The other components (VAE, text encoders) are ordinary diffusers folders, loaded by the pipeline.
 """
 
@@ -21,52 +23,76 @@ from app.families import FAMILIES, Family
 from app.plan import Plan
 from weights import manifest as mf
 from weights.errors import IntegrityError
-from weights.quantize import fuse_qkv, is_quantized
-from weights.serialize import read_local, shard_names, unflatten
+from weights.serialize import is_subclass, read_local, shard_names, unflatten
 
 Shard = tuple[str, dict, dict]  # (name, tensors, safetensors metadata)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def skeleton(folder: Path, fused: bool):
-    """The denoiser built from its config.json with every parameter on the meta device."""
+def skeleton(folder: Path, family: Family, precision: str, dtype: torch.dtype = torch.bfloat16,
+             fused: bool = True):
+    """The baked denoiser's module structure, every tensor on the meta device, in `dtype`.
+
+    fp8: fused QKV + FP8Linear exactly where the bake put them (same function, same skip list).
+    int8 and bf16: fused only; an int8 bake's torchao tensors replace the meta weights on assign.
+    """
     import diffusers
-    from accelerate import init_empty_weights
+
+    from app.optimize import fuse_qkv, quantize_denoiser
 
     config = json.loads((folder / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
-    with init_empty_weights():
+    with torch.device("meta"):
         model = cls.from_config(config)
-        if fused:
-            fuse_qkv(model)  # the baked structure: fused projections, unfused copies gone
+    model.to(dtype)
+    if precision == "fp8":
+        quantize_denoiser(model, family, "fp8")
+    elif fused:
+        fuse_qkv(model)
     return model
 
 
-def _place(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """Move to `device`; plain floating tensors also to the plan's dtype (quantized ones keep theirs)."""
-    if is_quantized(t):
+def _place(key: str, t: torch.Tensor, like: torch.Tensor, device: str, name: str) -> torch.Tensor:
+    """`t` on `device` in the skeleton's dtype; FP8 codes are never converted (that would re-quantize
+    or use raw codes as numbers), so an FP8/non-FP8 mismatch is refused."""
+    if is_subclass(t):  # an int8 bake's torchao tensor: its own dtype
         return t.to(device)
-    if t.is_floating_point() and t.dtype.itemsize > 1:
-        return t.to(device=device, dtype=dtype)
-    return t.to(device)
+    if (t.dtype in _FP8 or like.dtype in _FP8) and t.dtype != like.dtype:
+        raise IntegrityError(f"{name}: tensor {key} is {t.dtype}, the denoiser expects {like.dtype} "
+                             "(baked with another precision or recipe?)")
+    if tuple(t.shape) != tuple(like.shape):
+        raise IntegrityError(f"{name}: tensor {key} has shape {list(t.shape)}, the denoiser expects "
+                             f"{list(like.shape)}")
+    return t.to(device=device, dtype=like.dtype if t.is_floating_point() else t.dtype)
 
 
-def fill(model, shards: Iterable[Shard], device: str, dtype: torch.dtype):
-    """Assign every shard's tensors to `model`; refuse unknown, duplicate or missing tensors."""
-    expected = set(model.state_dict().keys())
-    seen: set[str] = set()
+def fill(model, shards: Iterable[Shard], device: str):
+    """Load every shard's tensors into `model` with one strict `load_state_dict(assign=True)`.
+
+    Unknown and duplicate tensors fail at the shard that holds them (before the rest is read),
+    missing ones after the last shard; each error names the tensors and the file.
+    """
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
     for name, tensors, metadata in shards:
-        state = {k: _place(v, device, dtype) for k, v in unflatten(tensors, metadata, name).items()}
-        unknown = sorted(set(state) - expected)
+        part = unflatten(tensors, metadata, name)
+        unknown = sorted(set(part) - set(expected))
         if unknown:
-            raise IntegrityError(f"{name}: tensors the model does not have: {unknown[:3]}")
-        dup = sorted(seen & set(state))
+            raise IntegrityError(f"{name}: unexpected tensors, the denoiser has no {unknown[:3]}")
+        dup = sorted(set(state) & set(part))
         if dup:
             raise IntegrityError(f"{name}: tensors already loaded from another shard: {dup[:3]}")
-        model.load_state_dict(state, strict=False, assign=True)
-        seen |= set(state)
-    missing = sorted(expected - seen)
+        state.update({k: _place(k, v, expected[k], device, name) for k, v in part.items()})
+    missing = sorted(set(expected) - set(state))
     if missing:
-        raise IntegrityError(f"baked denoiser lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise IntegrityError(f"baked denoiser lacks {len(missing)} tensors, missing e.g. {missing[:3]}")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise IntegrityError(f"baked denoiser does not fit its skeleton: {str(e)[:500]}") from None
+    left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+    if left:
+        raise IntegrityError(f"baked denoiser left tensors on the meta device: {left[:3]}")
     return model.eval().requires_grad_(False)
 
 
@@ -79,9 +105,16 @@ def local_shards(folder: Path, device: str) -> Iterator[Shard]:
 def load_denoiser(root: Path, manifest: dict, plan: Plan, shards: Iterable[Shard] | None = None):
     """The baked denoiser on plan.device; `shards` defaults to the local files."""
     folder = Path(root) / manifest["denoiser"]
-    model = skeleton(folder, manifest["recipe"].get("fused_qkv", False))
+    model = skeleton_of(root, manifest, plan)
     device = _device(plan)
-    return fill(model, shards if shards is not None else local_shards(folder, device), device, plan.torch_dtype)
+    return fill(model, shards if shards is not None else local_shards(folder, device), device)
+
+
+def skeleton_of(root: Path, manifest: dict, plan: Plan):
+    """The meta skeleton for the baked denoiser under `root`, in the plan's dtype."""
+    recipe = manifest["recipe"]
+    return skeleton(Path(root) / manifest["denoiser"], family_of(manifest), recipe["precision"], plan.torch_dtype,
+                    recipe.get("fused_qkv", True))
 
 
 def assemble(root: Path, manifest: dict, plan: Plan, denoiser):
@@ -91,7 +124,9 @@ def assemble(root: Path, manifest: dict, plan: Plan, denoiser):
     family = family_of(manifest)
     cls = getattr(diffusers, family.pipeline_class)
     pipe = cls.from_pretrained(str(root), torch_dtype=plan.torch_dtype, **{family.denoiser: denoiser})
-    return pipe.to(plan.device)
+    pipe = pipe.to(plan.device)
+    pipe.source_model = manifest["source"]["id"]  # what was baked: decides defaults (tiny or not)
+    return pipe
 
 
 def load_baked(path: str | Path, plan: Plan):

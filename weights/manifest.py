@@ -48,13 +48,17 @@ def digest_tree(root: Path) -> dict[str, dict]:
 
 
 def versions() -> dict:
-    import diffusers
-    import torch
-    import torchao
-    import transformers
+    """Installed versions of the libraries a baked directory depends on (None when not installed:
+    an FP8 or bf16 bake needs neither torchao nor transformers to be read back)."""
+    from importlib import metadata
 
-    return {"torch": torch.__version__, "torchao": torchao.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
+    out = {}
+    for name in ("torch", "torchao", "diffusers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def write(root: Path, body: dict) -> dict:

@@ -1,10 +1,14 @@
-"""The denoiser's files in a baked directory: torchao's safetensors layout, sharded.
+"""The denoiser's files in a baked directory: its state_dict as plain safetensors shards + an index.
 
-A quantized weight `blocks.0.attn.to_qkv.weight` is stored as two plain tensors,
-`blocks.0.attn._weight_qdata` (float8_e4m3fn) and `blocks.0.attn._weight_scale` (float32,
-`[out, 1]`), with its torchao type and attributes as JSON in the safetensors header: exactly what
-`torchao.prototype.safetensors.flatten_tensor_state_dict` writes and what diffusers/transformers
-read for torchao models. Any safetensors reader sees FP8 codes *and* their scales side by side.
+FP8 (the default): the state_dict of a denoiser whose linears are `app.fp8.FP8Linear` is plain
+tensors already: `<layer>.weight` float8_e4m3fn `[out, in]`, `<layer>.weight_scale` float32
+`[out, 1]` (dequantized weight = weight x weight_scale), `<layer>.bias` and every other tensor bf16.
+Any safetensors reader sees FP8 codes and their scales side by side; loading needs no library of
+ours beyond the module definition. bf16 bakes are plain tensors too.
+
+INT8 is the one exception: torchao's Int8Tensor is a tensor subclass, so such shards are written
+in torchao's safetensors layout (`flatten_tensor_state_dict`, type and attributes as JSON in the
+header) and rebuilt by `unflatten`. Only int8 bakes import torchao here.
 
 `tensors_from_buffer` reads a whole file already in memory (the S3 stream) without copying it, and
 checks every tensor's byte range against the file's length, so a truncated file names itself.
@@ -53,20 +57,36 @@ def _shards(state: dict, max_bytes: int) -> list[dict]:
     return shards
 
 
+def is_subclass(t: torch.Tensor) -> bool:
+    """A tensor subclass (torchao's Int8Tensor...) rather than a plain tensor or Parameter."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _flatten(shard: dict) -> tuple[dict, dict | None]:
+    """(plain tensors, header metadata) of one shard: as is, or torchao's layout for subclasses."""
+    if not any(is_subclass(t) for t in shard.values()):
+        return shard, None
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    return flatten_tensor_state_dict(shard)
+
+
 def write_denoiser(denoiser, folder: Path, max_shard_bytes: int | None = None) -> list[Path]:
     """Write `config.json`, the shards and an index; return the shard paths."""
     max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
     from safetensors.torch import save_file
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     denoiser.save_config(folder)
     state = {k: v.detach() for k, v in denoiser.state_dict().items()}
+    meta = sorted(k for k, v in state.items() if v.is_meta)
+    if meta:
+        raise IntegrityError(f"{folder}: tensors still on the meta device (never loaded): {meta[:3]}")
     shards = _shards(state, max_shard_bytes)
     paths, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         name = f"{SHARD_PREFIX}-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors, metadata = flatten_tensor_state_dict(shard)
+        tensors, metadata = _flatten(shard)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata=metadata)
         weight_map.update({k: name for k in shard})
         paths.append(folder / name)
@@ -131,11 +151,12 @@ def read_local(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def unflatten(tensors: dict, metadata: dict, name: str) -> dict:
-    """torchao's unflatten, with leftovers (tensors the header does not describe) refused."""
+    """A shard's state: its plain tensors as they are, or torchao's unflatten of an int8 shard
+    (with leftovers, tensors the header does not describe, refused)."""
+    if "tensor_names" not in metadata:
+        return tensors
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-    if "tensor_names" not in metadata:
-        raise IntegrityError(f"{name}: no torchao metadata in the header (not a baked shard)")
     state, left = unflatten_tensor_state_dict(tensors, metadata)
     expected = json.loads(metadata["tensor_names"])
     missing = [k for k in expected if k not in state]

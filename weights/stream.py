@@ -2,8 +2,8 @@
 
 Why our own and not run-ai's `runai-model-streamer` (0.17, evaluated): it streams safetensors
 tensors well, but it hands back tensors, not bytes, so it cannot check our manifest's sha256 of
-every byte, it does not return the safetensors header metadata that torchao needs to rebuild its
-FP8 tensors, and it needs a second binary package for S3. What we need is small: parallel ranged
+every byte, it does not return the safetensors header metadata (int8 bakes keep torchao's layout there), and it
+needs a second binary package for S3. What we need is small: parallel ranged
 GETs (boto3, the client the rest of the worker uses), a hash per 64 MiB chunk checked as it lands,
 and host-to-device copies of one shard while the next ones download.
 
@@ -27,7 +27,7 @@ from app.plan import Plan
 from app.storage import describe_s3_error, parse_s3_uri, s3_client
 from weights import manifest as mf
 from weights.errors import IntegrityError
-from weights.load import _check_plan, _device, assemble, family_of, fill, skeleton
+from weights.load import _check_plan, _device, assemble, family_of, fill, skeleton_of
 from weights.serialize import tensors_from_buffer
 
 WORKERS = 16  # parallel ranged GETs; S3 serves ~100 MB/s per connection
@@ -128,8 +128,8 @@ def stream_baked(uri: str, plan: Plan, cache_dir: str | Path, client=None):
         import time
 
         t0 = time.perf_counter()
-        model = skeleton(root / manifest["denoiser"], manifest["recipe"].get("fused_qkv", False))
-        denoiser = fill(model, _shards(fetcher, shards, plan.device == "cuda"), _device(plan), plan.torch_dtype)
+        model = skeleton_of(root, manifest, plan)
+        denoiser = fill(model, _shards(fetcher, shards, plan.device == "cuda"), _device(plan))
         if plan.device == "cuda":
             torch.cuda.synchronize()
         nbytes = sum(manifest["files"][n]["size"] for n in shards)
