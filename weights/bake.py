@@ -54,17 +54,23 @@ def save_components(pipe, family: Family, out: Path) -> None:
 
 def bake(model: str, out: str | Path, precision: str = "fp8", revision: str | None = None,
          offline: bool = False, device: str | None = None) -> dict:
-    """Write a baked directory at `out`; return its manifest."""
+    """Write a baked directory at `out` for a MODEL value; return its manifest."""
     if precision not in RECIPES:
         raise ValueError(f"unknown precision {precision!r} (one of {', '.join(RECIPES)})")
+    pipe, family, source = load_source(model, revision, offline)
+    return bake_pipeline(pipe, family, out, precision, source, device)
+
+
+def bake_pipeline(pipe, family: Family, out: str | Path, precision: str, source: dict,
+                  device: str | None = None) -> dict:
+    """Write a baked directory at `out` from an in-memory pipeline (consumed); return its manifest."""
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe, family, source = load_source(model, revision, offline)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser = getattr(pipe, family.denoiser).to(device)
     quantized = quantize_denoiser(denoiser, family, precision)
-    logger.info("baking {} -> {} ({} linears quantized to {})", model, out, len(quantized), precision)
+    logger.info("baking {} -> {} ({} linears quantized to {})", source.get("id"), out, len(quantized), precision)
     tmp.mkdir(parents=True)
     write_denoiser(denoiser, tmp / family.denoiser)
     setattr(pipe, family.denoiser, None)  # free it before the other components are written
