@@ -264,3 +264,11 @@ def test_a_plain_directory_keeps_the_family_defaults(tmp_path):
     build_tiny_flux().save_pretrained(tmp_path / "plain")
     svc = service(str(tmp_path / "plain"), tmp_path)
     assert svc.pipe.source_model == str(tmp_path / "plain") and svc.defaults == FLUX.defaults
+
+
+def test_a_v1_manifest_torchao_layout_is_refused_with_the_fix(copy):
+    m = json.loads((copy / "manifest.json").read_text())
+    m["version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match=r"v1 is not diffusion-worker/baked v2 \(re-bake it"):
+        load_baked(copy, CPU)

@@ -19,7 +19,8 @@ from weights.errors import IntegrityError
 
 NAME = "manifest.json"
 FORMAT = "diffusion-worker/baked"
-VERSION = 1
+# v2: FP8 denoisers as FP8Linear plain tensors (v1 held torchao Float8Tensor layouts: re-bake those).
+VERSION = 2
 CHUNK = 64 << 20
 
 
@@ -86,7 +87,7 @@ def parse(data: bytes, where: str) -> dict:
         raise IntegrityError(f"{where}: not valid JSON") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise IntegrityError(f"{where}: format {manifest.get('format')!r} v{manifest.get('version')} "
-                             f"is not {FORMAT} v{VERSION}")
+                             f"is not {FORMAT} v{VERSION} (re-bake it with `python -m weights bake`)")
     return manifest
 
 
