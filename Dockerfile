@@ -57,6 +57,12 @@ RUN pip install --no-deps --require-hashes --only-binary :all: -r /tmp/req/image
 COPY requirements/image.txt /tmp/req/image.txt
 RUN pip install --no-deps --require-hashes --only-binary :all: -r /tmp/req/image.txt \
  && pip check
+# torchao only for INT8 (Ampere) images: diffusers imports it whenever it is installed, which cost
+# 4-5 s of every cold start on H100 (bench/results/preflight_*.json) for a plan that never uses it.
+ARG INT8=0
+COPY requirements/image-int8.txt /tmp/req/image-int8.txt
+RUN if [ "$INT8" = "1" ]; then \
+      pip install --no-deps --require-hashes --only-binary :all: -r /tmp/req/image-int8.txt ; fi
 # Import time (14-20 s for torch + diffusers + transformers without .pyc) is paid on every cold
 # start, and a non-root worker cannot write .pyc into site-packages. pip's own .pyc are validated
 # by source mtime, so any layer flattening that touches mtimes would silently void them; unchecked

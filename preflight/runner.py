@@ -80,7 +80,7 @@ def _gpu_checks(settings: Settings, torch):
         precision, plan = timed("precision", check_precision, settings.precision, gpu)
         checks.append(precision)
         plan = plan or CPU_PLAN
-    checks += [timed("torchao", check_torchao)[0], timed("pins", check_pins)[0],
+    checks += [timed("torchao", check_torchao, plan.precision)[0], timed("pins", check_pins)[0],
                timed("vram", check_vram_for, settings, gpu, plan.precision)[0]]
     return checks, plan
 

@@ -229,3 +229,25 @@ def test_storage_names_wrong_credentials_and_access_denied(s3_auth, monkeypatch)
     use_credentials(monkeypatch, key_id, secret)  # the right keys of a user without any policy
     check = check_storage(settings)
     assert check.status == "fail" and "AccessDenied" in check.detail
+
+
+def test_torchao_is_checked_only_for_int8_plans(monkeypatch):
+    # FP8 runs on FP8Linear: the check must not import torchao (4-5 s on H100) for it.
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchao(name, *a, **kw):
+        if name == "torchao" or name.startswith("torchao."):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    assert check_torchao("fp8").status == "skipped"
+    int8 = check_torchao("int8")
+    assert int8.status == "fail" and "torchao" in int8.detail and "0.18.0" in int8.detail
+
+
+def test_pins_accept_torchao_absent_but_not_another_version():
+    assert compare_pins(PINS, dict(PINS, torchao="not installed")).status == "ok"
+    assert compare_pins(PINS, dict(PINS, torchao="0.17.0")).status == "fail"
