@@ -15,6 +15,7 @@ from app.errors import InvalidInput
 from app.limits import MAX_IMAGES, MAX_OUTPUT_BYTES, MAX_PROMPT_CHARS, MAX_STEPS, output_bytes_bound
 
 Int = Annotated[int, Strict()]  # "512" or true are refused: JSON callers send numbers
+Float = Annotated[float, Strict()]  # 3 and 3.5 pass; "3.5", true and b"3" are refused like for Int
 MAX_SEED = 2**32 - 1
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -29,7 +30,7 @@ class JobInput(BaseModel):
     width: Int | None = None
     height: Int | None = None
     num_inference_steps: Int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False)
+    guidance_scale: Float | None = Field(None, ge=0, le=30, allow_inf_nan=False)
     seed: Int | None = Field(None, ge=0, le=MAX_SEED)
     num_images: Int = Field(1, ge=1, le=MAX_IMAGES)
     output_format: Literal["png", "jpeg", "webp"] = "png"
