@@ -132,8 +132,10 @@ def describe(ref: str) -> str:
         return "data: URI"
     u = urlsplit(ref)
     host = u.hostname or ""
-    if u.port:
-        host = f"{host}:{u.port}"
+    try:
+        host += f":{u.port}" if u.port else ""
+    except ValueError:  # "user:pass@host" with a '/' in pass parses as a bad port: show nothing of it
+        host = "(unparsable host)"
     text = f"{u.scheme}://{host}{u.path}"
     return text if len(text) <= 120 else text[:117] + "..."
 

@@ -17,6 +17,7 @@ from app.config import Settings
 from app.cost import job_cost
 from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerBroken, WorkerError
 from app.limits import MAX_OUTPUT_BYTES
+from app.logs import redact
 from app.pipeline import encode_image, generate, load_pipeline
 from app.plan import Plan, detect_plan
 from app.schema import CONTENT_TYPES, Job, JobResult, parse_job
@@ -129,7 +130,9 @@ class Service:
             pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:
             if _poisoned(e):
-                raise WorkerBroken(f"CUDA error, worker must be replaced: {str(e).splitlines()[0][:200]}") from None
+                # scrub before cutting: a secret cut in half no longer matches the log sink's scrubber
+                detail = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+                raise WorkerBroken(f"CUDA error, worker must be replaced: {detail}") from None
             raise
         release_cuda_memory()
         raise OutOfMemory(f"out of GPU memory at {job.width}x{job.height} x{job.num_images}; "
