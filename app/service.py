@@ -129,11 +129,14 @@ class Service:
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:
-            if _poisoned(e):
+            if _allocation_failed(e):
+                pass  # an OOM reported by a library (cuBLAS workspace, a kernel launch): same handling
+            elif _poisoned(e):
                 # scrub before cutting: a secret cut in half no longer matches the log sink's scrubber
                 detail = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
                 raise WorkerBroken(f"CUDA error, worker must be replaced: {detail}") from None
-            raise
+            else:
+                raise
         release_cuda_memory()
         raise OutOfMemory(f"out of GPU memory at {job.width}x{job.height} x{job.num_images}; "
                           "try fewer images or a smaller size")
@@ -176,6 +179,14 @@ def release_cuda_memory() -> None:
 # launch fail (or worse, compute garbage), so the process must go, not the job only.
 POISON_MARKERS = ("CUDA error", "CUDA driver error", "device-side assert", "illegal memory access",
                   "unspecified launch failure", "CUBLAS_STATUS", "cuDNN error", "CUDNN_STATUS", "ECC error")
+
+
+# Allocation failures that arrive as plain RuntimeErrors: not sticky, the context survives them.
+OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def _allocation_failed(e: RuntimeError) -> bool:
+    return any(s in str(e) for s in OOM_MARKERS)
 
 
 def _poisoned(e: RuntimeError) -> bool:

@@ -139,3 +139,14 @@ def test_runpod_handler_asks_for_a_new_worker_when_broken(runpod_handler):
     broken = asyncio.run(run_job(runpod_handler.handler, {"id": "rp-2", "input": tiny_job(2)}))
     assert broken["error"]["type"] == "worker_broken"
     assert broken.get("stopPod") is True  # RunPod's runner turned our refresh_worker into a worker refresh
+
+
+@pytest.mark.parametrize("make_error", [
+    lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    lambda: torch.AcceleratorError("CUDA error: out of memory"),
+], ids=["cublas-alloc", "launch-oom"])
+def test_library_reported_oom_is_an_oom_not_a_broken_worker(tiny_flux_service, fault, make_error, one_torch_thread):
+    service = service_like(tiny_flux_service)
+    fault(make_error)
+    assert service.run(tiny_job(1), "liboom-1")["error"]["type"] == "out_of_memory"
+    assert not service.broken and "images" in service.run(tiny_job(2), "liboom-2")
