@@ -74,17 +74,23 @@ def describe_s3_error(exc: Exception) -> str:
         return "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or give the machine a role)"
     if isinstance(exc, ReadTimeoutError):
         return "timeout: the S3 endpoint did not answer in time"
+    if isinstance(exc, HTTPClientError):  # after ReadTimeoutError, its subclass
+        return "connection closed or reset by the S3 endpoint"
     return f"{type(exc).__name__}: S3 request failed"
 
 
 def s3_client(connect_timeout: float = 5, read_timeout: float = 30, max_attempts: int = 5):
-    """A boto3 S3 client with bounded timeouts and standard retries (500, 503, SlowDown, resets)."""
+    """A boto3 S3 client with bounded timeouts and standard retries (500, 503, SlowDown, resets).
+
+    `max_attempts` counts every attempt, the first included (botocore's `total_max_attempts`; its
+    own `max_attempts` key counts retries only, so 1 there meant two tries: measured).
+    """
     import boto3
     from botocore.config import Config
 
     cfg = Config(
         connect_timeout=connect_timeout, read_timeout=read_timeout,
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         signature_version="s3v4",
     )
     return boto3.client("s3", config=cfg)
@@ -96,7 +102,7 @@ class S3Store:
     Each upload is PUT then HEAD (size read back), retried as a unit on transient faults (5xx,
     SlowDown, resets, timeouts; see app.retry). Retrying a PUT is safe: the key is the job's own
     and the body is the same bytes, so a PUT that landed before its answer was lost is simply
-    overwritten. Give it a client built with `s3_client(max_attempts=1)` so retries do not multiply.
+    overwritten. Give it a client built with `s3_client(max_attempts=1)` so attempts do not multiply.
     """
 
     def __init__(self, bucket: str, prefix: str, client, presign_ttl_s: int, backoff: Backoff | None = None):
