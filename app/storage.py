@@ -62,7 +62,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 def describe_s3_error(exc: Exception) -> str:
     """A one-line, secret-free description of a boto3/botocore failure."""
     from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError, ReadTimeoutError)
+                                     HTTPClientError, PartialCredentialsError, ReadTimeoutError)
 
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "Unknown")
