@@ -10,12 +10,17 @@ import os
 os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
 
 import runpod  # noqa: E402
+from runpod.serverless.modules.rp_logger import RunPodLogger  # noqa: E402
 
 from app.config import Settings, secret_values
 from app.errors import WorkerBroken
 from app.logs import configure_logging
 from app.service import Service
 
+# The variable above is read only when runpod is first imported, and RUNPOD_LOG_LEVEL overrides it:
+# hold the level at INFO whatever was imported or set before (DEBUG prints presigned URLs with their
+# signature, access key id and session token).
+RunPodLogger().set_level("INFO")
 settings = Settings.from_env()
 configure_logging(settings.log_format, settings.log_level, secret_values())
 try:

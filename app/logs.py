@@ -6,6 +6,7 @@ final text, tracebacks included: credential values and presigned-URL signatures 
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -30,7 +31,9 @@ def strip_query(url: str) -> str:
 
 def configure_logging(fmt: str = "text", level: str = "INFO", secrets: list[str] | None = None, sink=None) -> None:
     """Install the one loguru sink. Call once, from an entrypoint."""
-    _secrets[:] = sorted(set(secrets or []), key=len, reverse=True)
+    # JSON lines escape what they carry (non-ASCII, quotes, backslashes): scrub the escaped form too.
+    forms = {f for s in secrets or [] for f in (s, json.dumps(s)[1:-1])}
+    _secrets[:] = sorted(forms, key=len, reverse=True)
     out = sink or sys.stderr
 
     def write(message: str) -> None:

@@ -12,8 +12,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from app.errors import InvalidInput
+from app.limits import MAX_IMAGES, MAX_OUTPUT_BYTES, MAX_PROMPT_CHARS, MAX_STEPS, output_bytes_bound
 
 Int = Annotated[int, Strict()]  # "512" or true are refused: JSON callers send numbers
+Float = Annotated[float, Strict()]  # 3 and 3.5 pass; "3.5", true and b"3" are refused like for Int
 MAX_SEED = 2**32 - 1
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -23,14 +25,14 @@ class JobInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=2000)
-    negative_prompt: str | None = Field(None, max_length=2000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     width: Int | None = None
     height: Int | None = None
-    num_inference_steps: Int | None = Field(None, ge=1, le=100)
-    guidance_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False)
+    num_inference_steps: Int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: Float | None = Field(None, ge=0, le=30, allow_inf_nan=False)
     seed: Int | None = Field(None, ge=0, le=MAX_SEED)
-    num_images: Int = Field(1, ge=1, le=4)
+    num_images: Int = Field(1, ge=1, le=MAX_IMAGES)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: Int = Field(90, ge=1, le=100)
 
@@ -96,11 +98,15 @@ def parse_job(raw: Any, family, defaults) -> Job:
         inp = JobInput.model_validate(raw, context={"family": family})
     except ValidationError as e:
         raise _invalid(e) from None
+    width, height = inp.width or defaults.width, inp.height or defaults.height
+    if output_bytes_bound(width, height, inp.num_images) > MAX_OUTPUT_BYTES:
+        raise InvalidInput(f"num_images: {inp.num_images} x {width}x{height} may exceed the "
+                           f"{MAX_OUTPUT_BYTES >> 20} MiB output limit", field="num_images")
     return Job(
         prompt=inp.prompt,
         negative_prompt=inp.negative_prompt,
-        width=inp.width or defaults.width,
-        height=inp.height or defaults.height,
+        width=width,
+        height=height,
         num_inference_steps=inp.num_inference_steps or defaults.steps,
         guidance_scale=defaults.guidance if inp.guidance_scale is None else inp.guidance_scale,
         seed=secrets.randbelow(MAX_SEED + 1) if inp.seed is None else inp.seed,
@@ -113,11 +119,21 @@ def parse_job(raw: Any, family, defaults) -> Job:
 
 def _invalid(e: ValidationError) -> InvalidInput:
     err = e.errors(include_url=False, include_input=False)[0]
-    field = ".".join(str(p) for p in err["loc"]) or "input"
+    field = _safe_field(".".join(str(p) for p in err["loc"])) or "input"
     if err["type"] == "extra_forbidden":
         return InvalidInput(f"{field}: unknown field", field=field)
     msg = err["msg"].removeprefix("Value error, ")
     return InvalidInput(f"{field}: {msg}", field=field)
+
+
+def _safe_field(name: str) -> str:
+    """A caller-chosen key as it may be echoed in an error (and a log line): printable, short.
+
+    Unknown keys come from the caller; echoing them raw would let a caller write control
+    characters or megabytes into our logs.
+    """
+    clean = "".join(c if c.isascii() and c.isprintable() else "?" for c in name[:64])
+    return clean + ("..." if len(name) > 64 else "")
 
 
 class ImageOut(BaseModel):

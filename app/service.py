@@ -16,6 +16,8 @@ from loguru import logger
 from app.config import Settings
 from app.cost import job_cost
 from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerBroken, WorkerError
+from app.limits import MAX_OUTPUT_BYTES
+from app.logs import redact
 from app.pipeline import encode_image, generate, load_pipeline
 from app.plan import Plan, detect_plan
 from app.schema import CONTENT_TYPES, Job, JobResult, parse_job
@@ -125,28 +127,76 @@ class Service:
         try:
             return generate(self.pipe, self.family, job, on_step)
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise OutOfMemory(f"out of GPU memory at {job.width}x{job.height} x{job.num_images}; "
-                              "try fewer images or a smaller size") from None
+            pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:
-            if _poisoned(e):
-                raise WorkerBroken(f"CUDA error, worker must be replaced: {str(e).splitlines()[0][:200]}") from None
-            raise
+            if _allocation_failed(e):
+                pass  # an OOM reported by a library (cuBLAS workspace, a kernel launch): same handling
+            elif _poisoned(e):
+                # scrub before cutting: a secret cut in half no longer matches the log sink's scrubber
+                detail = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+                raise WorkerBroken(f"CUDA error, worker must be replaced: {detail}") from None
+            else:
+                raise
+        release_cuda_memory()
+        raise OutOfMemory(f"out of GPU memory at {job.width}x{job.height} x{job.num_images}; "
+                          "try fewer images or a smaller size")
 
     def _upload(self, job: Job, job_id: str, images, blobs) -> list[dict]:
+        total = sum(len(b) for b in blobs)
+        if total > MAX_OUTPUT_BYTES:  # parse_job's bound should make this unreachable; never upload past it
+            raise JobFailed(f"outputs are {total} bytes, over the {MAX_OUTPUT_BYTES} byte limit")
         ctype = CONTENT_TYPES[job.output_format]
+        prefix = store_prefix(self.store)
+        keys = [object_key(prefix, job_id, i, job.output_format) for i in range(len(blobs))]
         outputs = []
-        for i, (image, blob, seed) in enumerate(zip(images, blobs, job.seeds)):
-            stored = self.store.put(object_key(store_prefix(self.store), job_id, i, job.output_format), blob, ctype)
-            outputs.append(dict(url=stored.url, key=stored.key, width=image.width, height=image.height,
-                                seed=seed, content_type=ctype, bytes=stored.bytes))
+        try:
+            for key, image, blob, seed in zip(keys, images, blobs, job.seeds):
+                stored = self.store.put(key, blob, ctype)
+                outputs.append(dict(url=stored.url, key=stored.key, width=image.width, height=image.height,
+                                    seed=seed, content_type=ctype, bytes=stored.bytes))
+        except JobFailed:
+            # A failed job leaves nothing behind: the images already stored, and the one whose PUT
+            # may have landed before its answer was lost. Best effort; a retry overwrites anyway.
+            for key in keys[: len(outputs) + 1]:
+                if not self.store.delete(key):
+                    logger.warning("could not remove partial output {}", key)
+            raise
         return outputs
+
+
+def release_cuda_memory() -> None:
+    """Return the caching allocator's free blocks after an OOM, so the next job starts clean."""
+    import gc
+
+    import torch
+
+    gc.collect()  # the failed forward's activations may sit in reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# Messages after which the CUDA context cannot be trusted: a sticky error makes every later kernel
+# launch fail (or worse, compute garbage), so the process must go, not the job only.
+POISON_MARKERS = ("CUDA error", "CUDA driver error", "device-side assert", "illegal memory access",
+                  "unspecified launch failure", "CUBLAS_STATUS", "cuDNN error", "CUDNN_STATUS", "ECC error")
+
+
+# Allocation failures that arrive as plain RuntimeErrors: not sticky, the context survives them.
+OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def _allocation_failed(e: RuntimeError) -> bool:
+    return any(s in str(e) for s in OOM_MARKERS)
 
 
 def _poisoned(e: RuntimeError) -> bool:
     """An error after which the CUDA context cannot be trusted (the process must go)."""
+    import torch
+
+    if isinstance(e, getattr(torch, "AcceleratorError", ())):  # torch >= 2.8 raises this for CUDA errors
+        return True
     text = str(e)
-    return any(s in text for s in ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error"))
+    return any(s in text for s in POISON_MARKERS)
 
 
 def _buckets(settings: Settings, family, service: Service) -> list[tuple[int, int]]:

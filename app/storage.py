@@ -16,6 +16,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from app.errors import JobFailed, WorkerBroken
+from app.retry import Backoff, ShortObject, retry
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -39,6 +40,7 @@ class Stored:
 
 class OutputStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> Stored: ...
+    def delete(self, key: str) -> bool: ...
     def check(self) -> str: ...
 
 
@@ -60,7 +62,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 def describe_s3_error(exc: Exception) -> str:
     """A one-line, secret-free description of a boto3/botocore failure."""
     from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError, ReadTimeoutError)
+                                     HTTPClientError, PartialCredentialsError, ReadTimeoutError)
 
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "Unknown")
@@ -72,47 +74,73 @@ def describe_s3_error(exc: Exception) -> str:
         return "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or give the machine a role)"
     if isinstance(exc, ReadTimeoutError):
         return "timeout: the S3 endpoint did not answer in time"
+    if isinstance(exc, HTTPClientError):  # after ReadTimeoutError, its subclass
+        return "connection closed or reset by the S3 endpoint"
     return f"{type(exc).__name__}: S3 request failed"
 
 
 def s3_client(connect_timeout: float = 5, read_timeout: float = 30, max_attempts: int = 5):
-    """A boto3 S3 client with bounded timeouts and standard retries (500, 503, SlowDown, resets)."""
+    """A boto3 S3 client with bounded timeouts and standard retries (500, 503, SlowDown, resets).
+
+    `max_attempts` counts every attempt, the first included (botocore's `total_max_attempts`; its
+    own `max_attempts` key counts retries only, so 1 there meant two tries: measured).
+    """
     import boto3
     from botocore.config import Config
 
     cfg = Config(
         connect_timeout=connect_timeout, read_timeout=read_timeout,
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         signature_version="s3v4",
     )
     return boto3.client("s3", config=cfg)
 
 
 class S3Store:
-    """Objects in an S3 bucket, returned as presigned GET URLs."""
+    """Objects in an S3 bucket, returned as presigned GET URLs.
 
-    def __init__(self, bucket: str, prefix: str, client, presign_ttl_s: int):
+    Each upload is PUT then HEAD (size read back), retried as a unit on transient faults (5xx,
+    SlowDown, resets, timeouts; see app.retry). Retrying a PUT is safe: the key is the job's own
+    and the body is the same bytes, so a PUT that landed before its answer was lost is simply
+    overwritten. Give it a client built with `s3_client(max_attempts=1)` so attempts do not multiply.
+    """
+
+    def __init__(self, bucket: str, prefix: str, client, presign_ttl_s: int, backoff: Backoff | None = None):
         self.bucket, self.prefix, self.client, self.ttl = bucket, prefix, client, presign_ttl_s
+        self.backoff = backoff or Backoff()
+
+    def _put_verified(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        size = self.client.head_object(Bucket=self.bucket, Key=key).get("ContentLength")
+        if size != len(data):
+            raise ShortObject(f"stored size {size} != {len(data)}")
 
     def put(self, key: str, data: bytes, content_type: str) -> Stored:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            retry(lambda: self._put_verified(key, data, content_type), self.backoff, f"upload {key}")
+        except ShortObject as e:
+            raise JobFailed(f"upload of {key} failed: {e}") from None
         except Exception as e:  # botocore raises many unrelated types; all mean "not stored"
             raise JobFailed(f"upload of {key} failed: {describe_s3_error(e)}") from None
-        if head.get("ContentLength") != len(data):
-            raise JobFailed(f"upload of {key} failed: stored size {head.get('ContentLength')} != {len(data)}")
         url = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.ttl
         )
         return Stored(url=url, key=key, bytes=len(data))
 
+    def delete(self, key: str) -> bool:
+        """Remove `key` (a failed job's partial output); False when even the retries failed."""
+        try:
+            retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=key), self.backoff, f"delete {key}")
+            return True
+        except Exception:
+            return False
+
     def check(self) -> str:
         """Put and delete a small object under the prefix; raise JobFailed naming the cause."""
         key = "/".join(p for p in (self.prefix, ".preflight-probe") if p)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+            retry(lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=b"ok"), self.backoff, "probe")
+            retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=key), self.backoff, "probe")
         except Exception as e:
             raise JobFailed(f"s3://{self.bucket}/{self.prefix}: {describe_s3_error(e)}") from None
         return f"s3://{self.bucket}/{self.prefix} writable"
@@ -138,6 +166,13 @@ class LocalStore:
             raise JobFailed(f"writing {key} failed: stored size {size} != {len(data)}")
         return Stored(url=path.as_uri(), key=key, bytes=size)
 
+    def delete(self, key: str) -> bool:
+        try:
+            (self.root / key).unlink(missing_ok=True)
+            return True
+        except OSError:
+            return False
+
     def check(self) -> str:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -153,7 +188,8 @@ def open_store(uri: str, presign_ttl_s: int = 7 * 24 * 3600, client=None) -> Out
     """`s3://bucket/prefix` -> S3Store; `file:///path` or a plain path -> LocalStore."""
     if uri.startswith("s3://"):
         bucket, prefix = parse_s3_uri(uri)
-        return S3Store(bucket, prefix, client or s3_client(), presign_ttl_s)
+        # botocore retries off: S3Store retries PUT+HEAD as a unit (app.retry)
+        return S3Store(bucket, prefix, client or s3_client(max_attempts=1), presign_ttl_s)
     if uri.startswith("file://"):
         return LocalStore(urlparse(uri).path)
     if "://" in uri:

@@ -1,0 +1,47 @@
+"""Every bound on what a caller may make this worker do, in one place, each enforced before GPU work.
+
+A public endpoint receives whatever its callers send. Each limit below is checked while the job is
+validated (`app.schema.parse_job`) or while an input image is fetched (`app.fetch`), so a hostile or
+careless input costs microseconds, never a GPU second. Per-family size limits (sides, pixels per
+image) live with the family in `app.families` because they depend on the model.
+
+| limit                    | value        | why                                                        |
+|--------------------------|--------------|------------------------------------------------------------|
+| MAX_PROMPT_CHARS         | 2,000 chars  | T5 reads 512 tokens; more text is ignored and costs tokenizing |
+| MAX_STEPS                | 100          | quality saturates long before; bounds a job's GPU time     |
+| MAX_IMAGES               | 4            | batch memory grows linearly; 4 x 2048^2 is the VRAM edge   |
+| MAX_OUTPUT_BYTES         | 64 MiB       | worst case (4 x 2048^2 PNG of noise ~ 50 MiB) fits; bounds upload |
+| MAX_INPUT_IMAGE_BYTES    | 20 MiB       | an input image larger than this is not a photo             |
+| MAX_INPUT_IMAGE_PIXELS   | 4096 x 4096  | decompression-bomb guard, checked from the header          |
+| FETCH_CONNECT_TIMEOUT_S  | 5 s          | per connection                                             |
+| FETCH_READ_TIMEOUT_S     | 10 s         | per read (a stalled server)                                |
+| FETCH_DEADLINE_S         | 30 s         | whole fetch, redirects included (a slow drip)              |
+| FETCH_MAX_REDIRECTS      | 3            |                                                            |
+"""
+
+from __future__ import annotations
+
+MAX_PROMPT_CHARS = 2000
+MAX_STEPS = 100
+MAX_IMAGES = 4
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+
+MAX_INPUT_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_INPUT_IMAGE_PIXELS = 4096 * 4096
+INPUT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+FETCH_CONNECT_TIMEOUT_S = 5.0
+FETCH_READ_TIMEOUT_S = 10.0
+FETCH_DEADLINE_S = 30.0
+FETCH_MAX_REDIRECTS = 3
+
+
+def output_bytes_bound(width: int, height: int, num_images: int) -> int:
+    """An upper bound on the encoded size of a job's outputs, known before any GPU work.
+
+    PNG of incompressible pixels is the worst of our formats: 3 bytes per pixel and one filter
+    byte per row, plus deflate and chunk framing (measured: 0.02% on 512x512 noise; we allow 1%
+    and 4 KiB). JPEG and WEBP at quality 100 stay well below it (66% and 37% of raw on noise).
+    """
+    raw = height * (width * 3 + 1)
+    return num_images * (raw + raw // 100 + 4096)

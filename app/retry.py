@@ -1,0 +1,71 @@
+"""Retry with capped exponential backoff and full jitter, for storage calls.
+
+Why our own loop rather than botocore's "standard" retries: the whole unit "PUT, then HEAD to
+verify the size" must be retried together (a HEAD that shows a short object means the PUT must be
+redone), the backoff must be settable (tests run 200 jobs with faults in seconds), and botocore's
+retry quota silently stops retrying after a burst of failures, which would turn a flaky minute into
+lost jobs. The S3 client of a store is built with botocore retries off so attempts do not multiply.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from loguru import logger
+
+T = TypeVar("T")
+
+# HTTP statuses and S3 error codes that mean "try again": the store is overloaded or hiccuped.
+TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+TRANSIENT_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "BadDigest",
+    "IncompleteBody", "ShortWrite",
+})
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """`attempts` tries in all; before try n+1 sleep uniform(0, min(cap_s, base_s * 2**n))."""
+
+    attempts: int = 5
+    base_s: float = 0.25
+    cap_s: float = 5.0
+
+    def delay(self, n: int, rng=random) -> float:
+        return rng.uniform(0, min(self.cap_s, self.base_s * 2**n))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: 5xx, throttling, connection resets and timeouts."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status in TRANSIENT_STATUS or err.get("Code") in TRANSIENT_CODES
+    # ConnectionError covers refused/reset/closed connections and connect timeouts;
+    # HTTPClientError covers read timeouts and connections closed mid-response.
+    return isinstance(exc, (ConnectionError, HTTPClientError, ShortObject))
+
+
+class ShortObject(Exception):
+    """The object read back after an upload is not the size we wrote: write it again."""
+
+
+def retry(fn: Callable[[], T], backoff: Backoff, what: str, sleep=time.sleep) -> T:
+    """Call `fn` until it succeeds, a non-transient error occurs, or the attempts run out (re-raise)."""
+    for n in range(backoff.attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if n + 1 >= backoff.attempts or not is_transient(e):
+                raise
+            wait = backoff.delay(n)
+            logger.info("{}: transient {}, retry {}/{} in {:.2f} s", what, type(e).__name__, n + 1,
+                        backoff.attempts - 1, wait)
+            sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
