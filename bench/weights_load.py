@@ -186,6 +186,12 @@ def bf16_quant_phase(work: Path, results: dict):
     del t, state
 
 
+def save(results: dict) -> None:
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"weights_{results['gpu'].replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
+
+
 def main():
     global PLAN
     ap = argparse.ArgumentParser()
@@ -215,17 +221,17 @@ def main():
     load_phase(results, "cold", work / "baked")
     bf16_quant_phase(work, results)
     shutil.rmtree(work / "bf16")
+    save(results)  # the local figures survive a failing S3 phase
     try:
         from bench.weights_s3 import s3_phase
 
         s3_phase(work / "baked", results, args.s3_gb, phase)
     except ImportError as e:
         results["s3"] = {"skipped": f"moto server or boto3 not installed ({e})"}
+    except Exception as e:  # the loopback endpoint itself failing is a bench problem, not a figure
+        results["s3"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     results["total_s"] = round(time.perf_counter() - t_all, 1)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"weights_{gpu.replace(' ', '_')}.json"
-    path.write_text(json.dumps(results, indent=1))
+    save(results)
     print(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
