@@ -64,9 +64,13 @@ def build_service(tiny: bool, out_dir: str):
     else:
         from bench.models import build_flux_dev
 
+        from app.optimize import apply_recipe, choose_recipe
+
         pipe = build_flux_dev("cuda", torch.bfloat16)
         cap = torch.cuda.get_device_capability(0)
-        plan = Plan("cuda", "bf16", cap, torch.cuda.get_device_name(0))
+        plan = Plan("cuda", "fp8" if cap >= (8, 9) else "bf16", cap, torch.cuda.get_device_name(0))
+        # the worker's own recipe (FP8, regional compile): the soak checks what production runs
+        apply_recipe(pipe, FLUX, choose_recipe(plan, Settings()))
         model = "flux-dev-shape-random"
     settings = Settings(model=model, output_uri=out_dir, preflight=False, warmup=False, job_timeout_s=3600)
     return Service(pipe, FLUX, settings, plan, LocalStore(out_dir), {})
