@@ -117,14 +117,22 @@ def skeleton_of(root: Path, manifest: dict, plan: Plan):
                     recipe.get("fused_qkv", True))
 
 
-def assemble(root: Path, manifest: dict, plan: Plan, denoiser):
-    """The full pipeline: the given denoiser plus every other component read from `root`."""
+def assemble(root: Path, manifest: dict, plan: Plan, denoiser, direct: bool = False):
+    """The full pipeline: the given denoiser plus every other component read from `root`.
+
+    `direct` (GPU only) loads the other components straight onto the GPU (`device_map`) instead of
+    into host memory and then `.to(cuda)`. Measured on H100 in fresh processes, FLUX.1-dev shape
+    (bench/results/assemble_h100.json): no difference (2.1-2.6 s vs 2.7 s for T5-XXL + CLIP + VAE),
+    so it stays off; the baked denoiser (14-19 s there) is what dominates.
+    """
     import diffusers
 
     family = family_of(manifest)
     cls = getattr(diffusers, family.pipeline_class)
-    pipe = cls.from_pretrained(str(root), torch_dtype=plan.torch_dtype, **{family.denoiser: denoiser})
-    pipe = pipe.to(plan.device)
+    kw = {"device_map": plan.device} if direct and plan.device == "cuda" else {}
+    pipe = cls.from_pretrained(str(root), torch_dtype=plan.torch_dtype, **kw, **{family.denoiser: denoiser})
+    if not kw:
+        pipe = pipe.to(plan.device)
     pipe.source_model = manifest["source"]["id"]  # what was baked: decides defaults (tiny or not)
     return pipe
 
