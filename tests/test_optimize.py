@@ -347,3 +347,33 @@ def test_a_deep_copy_quantizes_like_the_original():
     assert quantize_denoiser(a, family, "fp8") == quantize_denoiser(b, family, "fp8")
     for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
         assert k == k2 and torch.equal(v.view(torch.uint8), v2.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("name", ["flux", "sdxl"])
+def test_int8_recipe_quantizes_the_same_linears_and_stays_close(name):
+    """The Ampere plan: torchao's dynamic INT8 on exactly the linears FP8 would take (same skip list),
+    once (a second pass finds nothing), with an output as close as FP8's."""
+    from app.optimize import _is_torchao
+
+    pipe, family = tiny(name)
+    inputs = _denoiser_inputs(pipe, name, size=64, text_len=16)
+    d = den(pipe, family)
+    with torch.inference_mode():
+        ref = d(**inputs)[0].float()
+    fp8_names = quantize_denoiser(copy.deepcopy(d), family, "fp8")
+    applied = apply_recipe(pipe, family, Recipe(fuse_qkv=True, quantize="int8"))
+    assert list(applied) == ["fuse_qkv", "quantize"]
+    int8 = sorted(n for n, m in d.named_modules() if isinstance(m, nn.Linear) and _is_torchao(m.weight))
+    assert int8 == sorted(fp8_names) and int8
+    assert not any(_is_torchao(m.weight) for n, m in d.named_modules() if isinstance(m, nn.Linear) and family.skips(n))
+    assert quantize_denoiser(d, family, "int8") == []
+    with torch.inference_mode():
+        got = d(**inputs)[0].float()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 1e-4 < rel < DENOISER_REL_ERR, rel
+
+
+def test_unknown_precision_is_refused():
+    pipe, family = tiny("sdxl")
+    with pytest.raises(ValueError, match="unknown precision 'fp4'"):
+        quantize_denoiser(pipe.unet, family, "fp4")
