@@ -2,8 +2,9 @@
 
 FLUX.1-dev shape (28 steps, guidance 3.5) and SDXL shape (30 steps, CFG 5), 1024x1024, batch 1,
 random weights (`--tiny`: app.tiny's models, which check the plumbing on a CPU). For each model the
-stock pipeline is measured first, then the recipe is applied to the same weights (so fidelity compares like with like), then measured again. JSON and a PNG go
-to `out_dir` (bench/results/ by default) and $OUT when set.
+stock pipeline is measured first, then the recipe is applied to the same weights (so fidelity
+compares like with like), then measured again. JSON and a PNG go to `out_dir` (bench/results/ by
+default) and $OUT when set.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def run_model(name: str, recipe: Recipe, build=None, size: int = 1024, steps: in
     out["ours"]["rel_err_vs_stock"] = round(((got - ref).norm() / ref.norm()).item(), 5)
     out["ratio_e2e"] = round(out["stock"]["e2e_s"] / out["ours"]["e2e_s"], 2)
     out["ratio_per_step"] = round(out["stock"]["per_step_ms"] / out["ours"]["per_step_ms"], 2)
-    if profile if profile is not None else (name == "flux" and torch.cuda.is_available()):
+    if profile is None:
+        profile = name == "flux" and torch.cuda.is_available()
+    if profile:
         from bench.profile import profile_step
 
         out["profile"] = profile_step(pipe)

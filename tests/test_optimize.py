@@ -267,7 +267,8 @@ def test_regional_compile_wraps_flux_repeated_blocks_only():
     apply_recipe(pipe, family, Recipe(compile="regional"))
     assert pipe.transformer is d  # the model itself is not wrapped
     blocks = [m for m in d.modules() if type(m).__name__ in d._repeated_blocks]
-    assert len(blocks) == 3 and all(_compiled(b) for b in blocks)
+    assert len(blocks) == len(d.transformer_blocks) + len(d.single_transformer_blocks) > 0
+    assert all(_compiled(b) for b in blocks)
     others = [n for n, m in d.named_modules() if _compiled(m) and type(m).__name__ not in d._repeated_blocks]
     assert others == []
 
