@@ -38,8 +38,22 @@ def _install_fa3() -> bool:
     return True
 
 
+def takes_backend(denoiser) -> bool:
+    """Whether any attention processor of `denoiser` dispatches through diffusers' backend registry.
+
+    FLUX's `FluxAttnProcessor` does; SDXL's UNet (diffusers 0.42.1) runs `AttnProcessor2_0`, which
+    calls `F.scaled_dot_product_attention` itself: `set_attention_backend` changes nothing there but
+    the process-wide default backend.
+    """
+    return any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules())
+
+
 def set_attention(denoiser, name: str) -> str:
     """Set `denoiser`'s attention backend (native|cudnn|flash|fa3); return the one actually used."""
+    if name != "native" and not takes_backend(denoiser):
+        logger.warning("{} has no backend-aware attention processors; {} not applied, PyTorch's SDPA stays",
+                       type(denoiser).__name__, name)
+        return "native"
     if name == "fa3" and not _install_fa3():
         name = "cudnn"
     if name != "native":

@@ -89,7 +89,11 @@ def restore(uri: str | None, key: str) -> bool:
             return False
         import torch
 
-        torch.compiler.load_cache_artifacts(blob)
+        # torch logs and swallows a corrupt or truncated blob (checksum mismatch) and returns None:
+        # only a CacheInfo means something was loaded.
+        if torch.compiler.load_cache_artifacts(blob) is None:
+            logger.warning("compile cache: ignoring artifacts for {} (torch could not read the blob)", key)
+            return False
         logger.info("compile cache: restored {} ({:.1f} MB)", key, len(blob) / 1e6)
         return True
     except Exception as e:  # corrupt blob, version skew, storage down: compile instead

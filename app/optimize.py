@@ -43,8 +43,16 @@ def choose_recipe(plan, settings) -> Recipe:
     if plan.device != "cuda":
         return Recipe()
     quant = plan.precision if plan.precision in ("fp8", "int8") else "none"
-    attention = settings.attention if settings.attention != "auto" else ("fa3" if plan.capability == (9, 0) else "cudnn")
+    attention = settings.attention if settings.attention != "auto" else _auto_attention(plan.capability)
     return Recipe(fuse_qkv=True, quantize=quant, attention=attention, compile=settings.compile)
+
+
+def _auto_attention(capability) -> str:
+    """FA3 on Hopper (its kernels are sm_90 only); cuDNN's SDPA from Ampere on (it needs sm_80+);
+    older cards keep PyTorch's default SDPA, which picks a kernel that exists there."""
+    if capability == (9, 0):
+        return "fa3"
+    return "cudnn" if capability and capability >= (8, 0) else "native"
 
 
 def _denoiser(pipe, family):
@@ -133,7 +141,8 @@ def _attention(pipe, family, recipe):
     from app.attention import set_attention
 
     if recipe.attention != "native":
-        set_attention(_denoiser(pipe, family), recipe.attention)
+        used = set_attention(_denoiser(pipe, family), recipe.attention)
+        logger.info("attention: {} requested, {} used", recipe.attention, used)
 
 
 def _channels_last(pipe, family, recipe):

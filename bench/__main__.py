@@ -1,4 +1,5 @@
 """python -m bench latency [--models flux,sdxl] [--compile regional|full] [--attention fa3|cudnn|native]
+                         [--out DIR] [--tiny --size 64 --steps 2]   (--tiny: app.tiny's models, e.g. on a CPU)
 python -m bench coldstart ...   (see bench/coldstart.py)
 Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
 
@@ -13,6 +14,10 @@ def main(argv=None) -> int:
     lat.add_argument("--models", default="flux,sdxl")
     lat.add_argument("--compile", default="regional", choices=["regional", "full", "off"])
     lat.add_argument("--attention", default="fa3", choices=["fa3", "cudnn", "native", "flash"])
+    lat.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (and $OUT when set)")
+    lat.add_argument("--tiny", action="store_true", help="app.tiny's models instead of the full-size ones")
+    lat.add_argument("--size", type=int, default=1024)
+    lat.add_argument("--steps", type=int, default=None, help="default: 28 (FLUX), 30 (SDXL)")
     var = sub.add_parser("variants", help="per-step time of recipe variants (FLUX shape)")
     var.add_argument("names", nargs="*", default=["full", "regional_cdt"])
     sub.add_parser("gemm", help="FP8 GEMM paths and FA3 bf16/FP8 attention micro-benchmarks")
@@ -22,7 +27,13 @@ def main(argv=None) -> int:
     if args.cmd == "latency":
         from bench.latency import main as latency
 
-        latency(tuple(args.models.split(",")), args.compile, args.attention)
+        builders = None
+        if args.tiny:
+            from app.tiny import build_tiny_flux, build_tiny_sdxl
+
+            builders = {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}
+        latency(tuple(args.models.split(",")), args.compile, args.attention, args.out, builders, args.size,
+                args.steps)
     elif args.cmd == "variants":
         from bench.variants import run
 

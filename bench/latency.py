@@ -1,9 +1,10 @@
 """`python -m bench latency`: stock diffusers vs this worker's recipe, side by side, one process.
 
 FLUX.1-dev shape (28 steps, guidance 3.5) and SDXL shape (30 steps, CFG 5), 1024x1024, batch 1,
-random weights. For each model the stock pipeline is measured first, then the recipe is applied
-to the same weights (so fidelity compares like with like), then measured again. JSON and a PNG go
-to bench/results/ (and $OUT when set).
+random weights (`--tiny`: app.tiny's models, which check the plumbing on a CPU). For each model the
+stock pipeline is measured first, then the recipe is applied to the same weights (so fidelity
+compares like with like), then measured again. JSON and a PNG go to `out_dir` (bench/results/ by
+default) and $OUT when set.
 """
 
 from __future__ import annotations
@@ -23,20 +24,34 @@ from bench import timing
 MODELS = {"flux": (28, 3.5), "sdxl": (30, 5.0)}
 
 
-def _denoiser_inputs(pipe, name: str) -> dict:
-    """Fixed random inputs for one denoiser forward (fidelity check)."""
-    g = torch.Generator("cuda").manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+def _denoiser_inputs(pipe, name: str, size: int = 1024, text_len: int | None = None) -> dict:
+    """Fixed random inputs for one denoiser forward (fidelity check), shaped from the model's config.
+
+    At 1024x1024 on FLUX.1-dev / SDXL these are the shapes of a real step (FLUX: 4096 image tokens of
+    64 channels, 512 T5 tokens of 4096, pooled 768; SDXL: a CFG batch of 2, 4x128x128 latents, 77
+    tokens of 2048, text_embeds 1280); on the tiny models the same rule gives their small shapes.
+    """
+    den = getattr(pipe, FAMILIES[name].denoiser)
+    cfg, dev, dt = den.config, den.device, den.dtype
+    g = torch.Generator(dev.type).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=dt)  # noqa: E731
+    lat = size // pipe.vae_scale_factor
     if name == "flux":
-        return dict(hidden_states=rnd(1, 4096, 64), encoder_hidden_states=rnd(1, 512, 4096),
-                    pooled_projections=rnd(1, 768), timestep=torch.tensor([0.5], device="cuda", dtype=torch.bfloat16),
-                    guidance=torch.tensor([3.5], device="cuda", dtype=torch.bfloat16),
-                    img_ids=torch.zeros(4096, 3, device="cuda", dtype=torch.bfloat16),
-                    txt_ids=torch.zeros(512, 3, device="cuda", dtype=torch.bfloat16), return_dict=False)
-    return dict(sample=rnd(2, 4, 128, 128), timestep=torch.tensor(500, device="cuda"),
-                encoder_hidden_states=rnd(2, 77, 2048),
-                added_cond_kwargs=dict(text_embeds=rnd(2, 1280), time_ids=torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * 2,
-                                                                                       device="cuda", dtype=torch.bfloat16)),
+        tokens, txt = (lat // 2) ** 2, text_len or 512  # 2x2 latent patches packed into tokens
+        out = dict(hidden_states=rnd(1, tokens, cfg.in_channels), encoder_hidden_states=rnd(1, txt, cfg.joint_attention_dim),
+                   pooled_projections=rnd(1, cfg.pooled_projection_dim),
+                   timestep=torch.tensor([0.5], device=dev, dtype=dt),
+                   img_ids=torch.zeros(tokens, 3, device=dev, dtype=dt),
+                   txt_ids=torch.zeros(txt, 3, device=dev, dtype=dt), return_dict=False)
+        if cfg.guidance_embeds:  # FLUX.1-dev; schnell has no guidance input
+            out["guidance"] = torch.tensor([3.5], device=dev, dtype=dt)
+        return out
+    # SDXL's added condition: pooled text embeds + 6 size/crop ids, each embedded in addition_time_embed_dim
+    text_embeds = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return dict(sample=rnd(2, cfg.in_channels, lat, lat), timestep=torch.tensor(500, device=dev),
+                encoder_hidden_states=rnd(2, text_len or 77, cfg.cross_attention_dim),
+                added_cond_kwargs=dict(text_embeds=rnd(2, text_embeds),
+                                       time_ids=torch.tensor([[size, size, 0, 0, size, size]] * 2, device=dev, dtype=dt)),
                 return_dict=False)
 
 
@@ -45,32 +60,51 @@ def _forward(pipe, name, inputs):
         return getattr(pipe, FAMILIES[name].denoiser)(**inputs)[0].float()
 
 
-def run_model(name: str, recipe: Recipe) -> dict:
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_model(name: str, recipe: Recipe, build=None, size: int = 1024, steps: int | None = None, reps: int = 3,
+              profile: bool | None = None) -> dict:
+    """Stock, then the recipe on the same weights: timings, ratios, fidelity (and a profile on CUDA).
+
+    `build` makes the pipeline (default: the full-size random-weight model of bench.models on the
+    GPU); a test passes app.tiny's builders with a small `size` and few `steps` to run the same
+    plumbing on a CPU. `profile` defaults to "FLUX on CUDA" (the profiler's kernels are GPU ones).
+    """
     from bench.models import build_flux_dev, build_sdxl
 
-    steps, guidance = MODELS[name]
-    pipe = build_flux_dev() if name == "flux" else build_sdxl()
-    out = {"stock": {"warmup_s": timing.warm(pipe, name, guidance)}}
-    out["stock"].update(timing.measure(pipe, name, steps, guidance))
-    inputs = _denoiser_inputs(pipe, name)
+    default_steps, guidance = MODELS[name]
+    steps = steps or default_steps
+    build = build or (build_flux_dev if name == "flux" else build_sdxl)
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    out = {"stock": {"warmup_s": timing.warm(pipe, name, guidance, size)}}
+    out["stock"].update(timing.measure(pipe, name, steps, guidance, size, reps))
+    inputs = _denoiser_inputs(pipe, name, size)
     ref = _forward(pipe, name, inputs)
     t0 = time.perf_counter()
     out["recipe"] = recipe.to_dict()
     out["ours"] = {"apply_ms": apply_recipe(pipe, FAMILIES[name], recipe)}
-    gc.collect(); torch.cuda.empty_cache()
-    out["ours"]["warmup_s"] = timing.warm(pipe, name, guidance)
+    _release()
+    out["ours"]["warmup_s"] = timing.warm(pipe, name, guidance, size)
     out["ours"]["apply_and_warmup_s"] = round(time.perf_counter() - t0, 2)
-    out["ours"].update(timing.measure(pipe, name, steps, guidance))
+    out["ours"].update(timing.measure(pipe, name, steps, guidance, size, reps))
     got = _forward(pipe, name, inputs)
     out["ours"]["rel_err_vs_stock"] = round(((got - ref).norm() / ref.norm()).item(), 5)
     out["ratio_e2e"] = round(out["stock"]["e2e_s"] / out["ours"]["e2e_s"], 2)
     out["ratio_per_step"] = round(out["stock"]["per_step_ms"] / out["ours"]["per_step_ms"], 2)
-    if name == "flux":
+    if profile is None:
+        profile = name == "flux" and torch.cuda.is_available()
+    if profile:
         from bench.profile import profile_step
 
         out["profile"] = profile_step(pipe)
     del pipe
-    gc.collect(); torch.cuda.empty_cache(); torch._dynamo.reset()
+    _release()
+    torch._dynamo.reset()
     return out
 
 
@@ -78,7 +112,9 @@ def versions() -> dict:
     import diffusers
     import transformers
 
-    v = dict(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
+    cuda = torch.cuda.is_available()
+    v = dict(gpu=torch.cuda.get_device_name(0) if cuda else f"cpu {platform.machine()}",
+             capability=list(torch.cuda.get_device_capability(0)) if cuda else None,
              torch=torch.__version__, cuda=torch.version.cuda, diffusers=diffusers.__version__,
              transformers=transformers.__version__, python=platform.python_version(),
              date=time.strftime("%Y-%m-%d"), weights="random (real architecture)")
@@ -91,25 +127,32 @@ def versions() -> dict:
     return v
 
 
-def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str = "fa3") -> dict:
-    res = {"versions": versions(), "shape": "1024x1024, batch 1"}
+def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str = "fa3",
+         out_dir: str = "bench/results", builders: dict | None = None, size: int = 1024, steps: int | None = None,
+         reps: int = 3) -> dict:
+    """Run each model (errors are kept per model), writing JSON and PNG to `out_dir` (and $OUT) after each."""
+    res = {"versions": versions(), "shape": f"{size}x{size}, batch 1", "size": size}
     for name in models:
         recipe = Recipe(fuse_qkv=True, quantize="fp8", attention=attention, compile=compile_mode)
         try:
-            res[name] = run_model(name, recipe)
+            res[name] = run_model(name, recipe, (builders or {}).get(name), size, steps, reps)
         except Exception as e:  # keep the other model's figures
             res[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-        write(res)
+        write(res, out_dir)
     return res
 
 
-def write(res: dict) -> None:
+def write(res: dict, out_dir: str = "bench/results") -> list[str]:
+    """latency_<gpu>.json and .png into `out_dir` and $OUT (when set); the paths written."""
     from bench.plot import plot_latency
 
     slug = res["versions"]["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    for folder in filter(None, ("bench/results", os.environ.get("OUT"))):
+    written = []
+    for folder in dict.fromkeys(filter(None, (out_dir, os.environ.get("OUT")))):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"latency_{slug}.json"), "w") as f:
             json.dump(res, f, indent=1)
         plot_latency(res, os.path.join(folder, f"latency_{slug}.png"))
+        written += [os.path.join(folder, f"latency_{slug}.{ext}") for ext in ("json", "png")]
     print(json.dumps({k: v for k, v in res.items() if k != "versions"})[:3000], flush=True)
+    return written

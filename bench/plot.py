@@ -21,7 +21,7 @@ def plot_latency(res: dict, path: str) -> None:
     ax.bar([i + 0.2 for i in x], ours, 0.4, label="diffusion-worker recipe", color="#2a7")
     for i, m in enumerate(models):
         ax.text(i + 0.2, ours[i], f"{res[m]['ratio_e2e']}x", ha="center", va="bottom", fontsize=9)
-    ax.set_xticks(list(x), [f"{m} 1024², {res[m]['ours'].get('per_step_ms')} ms/step" for m in models])
+    ax.set_xticks(list(x), [f"{m} {res.get('size', 1024)}², {res[m]['ours'].get('per_step_ms')} ms/step" for m in models])
     ax.set_ylabel("seconds per image (end to end)")
     ax.set_title(f"{res['versions']['gpu']}, random weights, batch 1", fontsize=9)
     ax.legend(fontsize=8)

@@ -1,4 +1,8 @@
-"""Timing helpers shared by the benchmarks: CUDA-synchronized wall clocks, medians, phases."""
+"""Timing helpers shared by the benchmarks: CUDA-synchronized wall clocks, medians, phases.
+
+On a machine without CUDA (the tiny CPU test of the plumbing) the clocks are plain wall clocks and
+the memory figures are None; on a GPU nothing differs from what the H100 results measured.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,18 @@ import torch
 PROMPT = "a cat holding a sign that says hello world"
 
 
+def sync() -> None:
+    """Wait for queued GPU work (CUDA kernels run asynchronously); nothing to wait for without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
     """(seconds, result) of fn() with the GPU synchronized on both sides."""
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     r = fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0, r
 
 
@@ -44,7 +54,9 @@ def _decode(pipe, family_name: str, latents, size: int):
 def measure(pipe, family_name: str, steps: int, guidance: float, size: int = 1024, reps: int = 3) -> dict:
     """End to end, per step, text encode, VAE decode (medians of `reps`) and peak VRAM of a job."""
     kw = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     e2e, enc, den, dec = [], [], [], []
     with torch.inference_mode():
         for _ in range(reps):
@@ -59,8 +71,8 @@ def measure(pipe, family_name: str, steps: int, guidance: float, size: int = 102
             dec.append(s)
     return dict(e2e_s=med(e2e), e2e_all=[round(x, 3) for x in e2e], denoise_s=med(den),
                 per_step_ms=round(1000 * med(den) / steps, 1), encode_s=med(enc), vae_decode_s=med(dec),
-                peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                resident_GiB=round(torch.cuda.memory_allocated() / 2**30, 2), finite=bool(torch.isfinite(img).all()))
+                peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                resident_GiB=round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None, finite=bool(torch.isfinite(img).all()))
 
 
 def warm(pipe, family_name: str, guidance: float, size: int = 1024) -> float:

@@ -1,0 +1,151 @@
+"""The latency bench's plumbing (stock vs ours, fidelity, JSON, plot, CLI) on the tiny models on CPU.
+
+The GPU figures in bench/results come from the same code with the full-size builders; here the tiny
+builders, 64x64 and 2 steps make it run in seconds. The full-size denoiser inputs are checked on
+meta-device models: same shapes and same random stream as the H100 runs used.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from app.tiny import build_tiny_flux, build_tiny_sdxl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}
+FIGURES = ("e2e_s", "denoise_s", "per_step_ms", "encode_s", "vae_decode_s")
+
+
+def _results_snapshot():
+    return {p.name: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def latency_run(tmp_path_factory):
+    """One in-process `bench.latency.main` over both tiny models into a temporary folder."""
+    from bench.latency import main
+
+    out = tmp_path_factory.mktemp("bench-out")
+    before = _results_snapshot()
+    mp = pytest.MonkeyPatch()
+    mp.delenv("OUT", raising=False)  # a set $OUT would receive a copy
+    try:
+        res = main(("flux", "sdxl"), compile_mode="off", attention="native", out_dir=str(out), builders=TINY,
+                   size=64, steps=2, reps=2)
+    finally:
+        mp.undo()
+    return res, out, before
+
+
+@pytest.mark.parametrize("name", ["flux", "sdxl"])
+def test_stock_and_ours_figures(latency_run, name):
+    res, _, _ = latency_run
+    r = res[name]
+    assert "error" not in r, r.get("error")
+    for side in ("stock", "ours"):
+        for k in FIGURES:
+            assert r[side][k] > 0, (side, k)
+        assert r[side]["per_step_ms"] == round(1000 * r[side]["denoise_s"] / 2, 1)
+        assert len(r[side]["e2e_all"]) == 2 and r[side]["finite"] is True
+        assert r[side]["peak_GiB"] is None  # no CUDA here: no memory figures, not zeros
+    assert r["recipe"] == {"fuse_qkv": True, "quantize": "fp8", "attention": "native",
+                           "vae_channels_last": False, "compile": "off"}
+    assert list(r["ours"]["apply_ms"]) == ["fuse_qkv", "quantize"]
+    assert r["ratio_e2e"] == round(r["stock"]["e2e_s"] / r["ours"]["e2e_s"], 2)
+    assert r["ratio_per_step"] == round(r["stock"]["per_step_ms"] / r["ours"]["per_step_ms"], 2)
+    # Fidelity of the denoiser step: the recipe did quantize (not zero), within FP8's few-percent bound.
+    assert 1e-4 < r["ours"]["rel_err_vs_stock"] < 0.03
+    assert "profile" not in r  # the profiler's kernel breakdown is a CUDA measurement
+
+
+def test_json_and_plot_written_to_the_given_folder_only(latency_run):
+    res, out, before = latency_run
+    assert res["size"] == 64 and res["shape"] == "64x64, batch 1" and res["versions"]["gpu"].startswith("cpu")
+    slug = res["versions"]["gpu"].replace(" ", "-").lower()
+    assert sorted(p.name for p in out.iterdir()) == [f"latency_{slug}.json", f"latency_{slug}.png"]
+    assert json.loads((out / f"latency_{slug}.json").read_text()) == json.loads(json.dumps(res))
+    with Image.open(out / f"latency_{slug}.png") as im:
+        im.verify()
+        assert im.format == "PNG" and im.size[0] > 100
+    assert _results_snapshot() == before  # bench/results (the H100 figures) untouched
+
+
+def test_a_failing_model_keeps_the_other_models_figures(tmp_path, monkeypatch):
+    from bench.latency import main
+
+    def broken():
+        raise RuntimeError("no weights today")
+
+    monkeypatch.delenv("OUT", raising=False)
+    res = main(("sdxl", "flux"), compile_mode="off", attention="native", out_dir=str(tmp_path),
+               builders={"sdxl": broken, "flux": build_tiny_flux}, size=64, steps=1, reps=1)
+    assert res["sdxl"] == {"error": "RuntimeError: no weights today"}
+    assert res["flux"]["ours"]["e2e_s"] > 0
+    assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def _meta_pipe(name):
+    """The full-size denoiser's config on the meta device (no memory), as bench.models builds it."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    with torch.device("meta"):
+        if name == "flux":
+            den = FluxTransformer2DModel(guidance_embeds=True)
+        else:
+            den = UNet2DConditionModel(
+                sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+    stand_in = SimpleNamespace(config=den.config, device=torch.device("cpu"), dtype=torch.bfloat16)
+    return SimpleNamespace(vae_scale_factor=8, **{"transformer" if name == "flux" else "unet": stand_in})
+
+
+def test_full_size_denoiser_inputs_are_the_ones_the_gpu_runs_used():
+    """Derived from the config, they equal the shapes once hard-coded for FLUX.1-dev and SDXL at 1024,
+    drawn in the same order from the same seed (so the GPU's fidelity figure means the same)."""
+    from bench.latency import _denoiser_inputs
+
+    f = _denoiser_inputs(_meta_pipe("flux"), "flux", 1024)
+    shapes = {k: tuple(v.shape) for k, v in f.items() if isinstance(v, torch.Tensor)}
+    assert shapes == dict(hidden_states=(1, 4096, 64), encoder_hidden_states=(1, 512, 4096),
+                          pooled_projections=(1, 768), timestep=(1,), guidance=(1,), img_ids=(4096, 3),
+                          txt_ids=(512, 3))
+    g = torch.Generator("cpu").manual_seed(0)
+    first = torch.randn(1, 4096, 64, generator=g, dtype=torch.bfloat16)
+    assert torch.equal(f["hidden_states"], first)
+    assert torch.equal(f["encoder_hidden_states"], torch.randn(1, 512, 4096, generator=g, dtype=torch.bfloat16))
+
+    s = _denoiser_inputs(_meta_pipe("sdxl"), "sdxl", 1024)
+    assert tuple(s["sample"].shape) == (2, 4, 128, 128)
+    assert tuple(s["encoder_hidden_states"].shape) == (2, 77, 2048)
+    assert tuple(s["added_cond_kwargs"]["text_embeds"].shape) == (2, 1280)
+    assert s["added_cond_kwargs"]["time_ids"].tolist() == [[1024, 1024, 0, 0, 1024, 1024]] * 2
+
+
+def test_cli_help_and_tiny_run(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OUT"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "bench", *a], cwd=ROOT, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    top = run("--help")
+    assert top.returncode == 0 and "latency" in top.stdout and "coldstart" in top.stdout
+    lat = run("latency", "--help")
+    assert lat.returncode == 0 and all(o in lat.stdout for o in ("--out", "--tiny", "--size", "--steps"))
+    out = tmp_path / "cli"
+    done = run("latency", "--tiny", "--models", "flux", "--size", "64", "--steps", "1", "--compile", "off",
+               "--attention", "native", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (js,) = out.glob("latency_*.json")
+    res = json.loads(js.read_text())
+    assert res["flux"]["ours"]["e2e_s"] > 0 and "sdxl" not in res
