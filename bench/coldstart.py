@@ -87,9 +87,6 @@ def main(workdir: str = "/tmp/coldstart") -> dict:
 
 
 def _write(res: dict) -> None:
-    slug = res["versions"]["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    for folder in filter(None, ("bench/results", os.environ.get("OUT"))):
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"coldstart_{slug}.json"), "w") as f:
-            json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if k != "versions"})[:2500], flush=True)
+    from bench.output import save_json
+
+    save_json(res, "coldstart")

@@ -63,6 +63,7 @@ def test_stock_and_ours_figures(latency_run, name):
     assert r["ratio_per_step"] == round(r["stock"]["per_step_ms"] / r["ours"]["per_step_ms"], 2)
     # Fidelity of the denoiser step: the recipe did quantize (not zero), within FP8's few-percent bound.
     assert 1e-4 < r["ours"]["rel_err_vs_stock"] < 0.03
+    assert r["ours"]["fidelity_ok"] is True and r["ours"]["fidelity_bound"] == 0.15
     assert "profile" not in r  # the profiler's kernel breakdown is a CUDA measurement
 
 
