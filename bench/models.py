@@ -65,6 +65,17 @@ def build_flux_dev(device: str = "cuda", dtype=torch.bfloat16, guidance_embeds: 
     return pipe
 
 
+# SDXL base's UNet (2.6 B parameters), as in its published config.json.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
 def build_sdxl(device: str = "cuda", dtype=torch.bfloat16):
     """SDXL base shape: 2.6B UNet, CLIP-L + OpenCLIP-bigG encoders, 4-channel VAE."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -72,14 +83,7 @@ def build_sdxl(device: str = "cuda", dtype=torch.bfloat16):
 
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816).to(dtype)
+        unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
         te1 = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                            hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2)).to(dtype)

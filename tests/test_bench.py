@@ -101,14 +101,9 @@ def _meta_pipe(name):
         if name == "flux":
             den = FluxTransformer2DModel(guidance_embeds=True)
         else:
-            den = UNet2DConditionModel(
-                sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816)
+            from bench.models import SDXL_UNET
+
+            den = UNet2DConditionModel(**SDXL_UNET)
     stand_in = SimpleNamespace(config=den.config, device=torch.device("cpu"), dtype=torch.bfloat16)
     return SimpleNamespace(vae_scale_factor=8, **{"transformer" if name == "flux" else "unet": stand_in})
 
