@@ -65,7 +65,8 @@ class Service:
         service = cls(pipe, family, settings, plan, store, phases)
         shapes = settings.shapes or _buckets(settings, family, service)
         compiled = recipe.compile != "off"
-        key = compile_cache.cache_key(plan.gpu_name, plan.capability, settings.model, recipe.to_dict(), shapes)
+        model_id = settings.weights_uri or settings.model  # what was loaded, for the compiled-artifact key
+        key = compile_cache.cache_key(plan.gpu_name, plan.capability, model_id, recipe.to_dict(), shapes)
         with timed(phases, "compile_cache_ms"):
             restored = compiled and compile_cache.restore(settings.compile_cache_uri, key)
         if settings.warmup:
