@@ -24,8 +24,8 @@ def reinit(module, std: float = 0.02) -> None:
 
 
 def build_flux_transformer(device: str = "cuda", dtype=torch.bfloat16, guidance_embeds: bool = True):
-    """FLUX.1-dev's 11.9B transformer alone, random, as `build_flux_dev` builds it (same seed, same
-    init); needs diffusers only, not transformers (the weights bench carries no text encoders)."""
+    """FLUX.1-dev's 11.9B transformer alone, random (seed 0); `build_flux_dev` builds its transformer
+    with this, so both hold the same weights. Needs diffusers only, not transformers."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -37,12 +37,11 @@ def build_flux_transformer(device: str = "cuda", dtype=torch.bfloat16, guidance_
 
 def build_flux_dev(device: str = "cuda", dtype=torch.bfloat16, guidance_embeds: bool = True):
     """FLUX.1-dev shape: 11.9B transformer, T5-XXL (4.76B), CLIP-L, 16-channel VAE."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    torch.manual_seed(0)
+    transformer = build_flux_transformer(device, dtype, guidance_embeds)  # seeds 0: the same weights
     with torch.device(device):
-        transformer = FluxTransformer2DModel(guidance_embeds=guidance_embeds).to(dtype)
         clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                             num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
                                             max_position_embeddings=77, hidden_act="quick_gelu",
@@ -55,7 +54,7 @@ def build_flux_dev(device: str = "cuda", dtype=torch.bfloat16, guidance_embeds: 
                             block_out_channels=[128, 256, 512, 512], layers_per_block=2, sample_size=1024,
                             scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                             use_post_quant_conv=False).to(dtype)
-    for m in (transformer, clip, t5):
+    for m in (clip, t5):
         reinit(m)
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
