@@ -2,10 +2,11 @@
 
 The skeleton is built from the denoiser's config.json on the meta device and given the baked
 structure by the same `app.optimize.quantize_denoiser` the bake ran (fused QKV, `FP8Linear` on the
-quantized linears), so its state_dict names and dtypes are those of the files. safetensors then
-puts each stored tensor (FP8 codes, float32 scales, bf16 norms and biases) on the target device and
-one `load_state_dict(strict=True, assign=True)` swaps them in. No bf16 copy of a quantized weight
-ever exists and nothing is re-quantized: VRAM peaks at the FP8 size, host RAM at one tensor.
+quantized linears), so its state_dict names and dtypes are those of the files. `weights.reader` then puts each stored
+tensor (FP8 codes, float32 scales, bf16 norms and biases) on the target device (parallel reads into
+pinned buffers, asynchronous copies) and one `load_state_dict(strict=True, assign=True)` swaps them
+in. No bf16 copy of a quantized weight ever exists and nothing is re-quantized: VRAM peaks at the
+FP8 size, host RAM at the reader's staging buffers (8 x 64 MiB).
 The other components (VAE, text encoders) are ordinary diffusers folders, loaded by the pipeline.
 """
 
@@ -23,7 +24,8 @@ from app.families import FAMILIES, Family
 from app.plan import Plan
 from weights import manifest as mf
 from weights.errors import IntegrityError
-from weights.serialize import is_subclass, read_local, shard_names, unflatten
+from weights.reader import read_shards
+from weights.serialize import is_subclass, shard_names, unflatten
 
 Shard = tuple[str, dict, dict]  # (name, tensors, safetensors metadata)
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -97,9 +99,9 @@ def fill(model, shards: Iterable[Shard], device: str):
 
 
 def local_shards(folder: Path, device: str) -> Iterator[Shard]:
-    for name in shard_names(folder):
-        tensors, metadata = read_local(folder / name, device)
-        yield f"{folder.name}/{name}", tensors, metadata
+    """The denoiser's shards read by `weights.reader` (parallel preads, pinned staging, async copies)."""
+    names = shard_names(folder)
+    yield from read_shards([folder / n for n in names], device, [f"{folder.name}/{n}" for n in names])
 
 
 def load_denoiser(root: Path, manifest: dict, plan: Plan, shards: Iterable[Shard] | None = None):

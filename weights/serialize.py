@@ -136,20 +136,6 @@ def tensors_from_buffer(data: bytearray | memoryview, name: str) -> tuple[dict[s
     return out, metadata
 
 
-def read_local(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """A shard's tensors placed on `device` by safetensors (one tensor at a time) and its metadata."""
-    from safetensors import SafetensorError, safe_open
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        read_header(f.read(min(size, 8 + (100 << 20))), str(path))  # a clear error for truncation first
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except SafetensorError as e:
-        raise IntegrityError(f"{path}: unreadable safetensors file ({e}); truncated or altered?") from None
-
-
 def unflatten(tensors: dict, metadata: dict, name: str) -> dict:
     """A shard's state: its plain tensors as they are, or torchao's unflatten of an int8 shard
     (with leftovers, tensors the header does not describe, refused)."""
