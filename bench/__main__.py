@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     sub.add_parser("gemm", help="FP8 GEMM paths and FA3 bf16/FP8 attention micro-benchmarks")
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
+    cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
     args = ap.parse_args(argv)
     if args.cmd == "latency":
         from bench.latency import main as latency
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     elif args.cmd == "coldstart":
         from bench.coldstart import main as coldstart
 
-        coldstart(args.workdir)
+        coldstart(args.workdir, args.baked)
     return 0
 
 

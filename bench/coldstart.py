@@ -69,18 +69,22 @@ def run_child(baked: Path, cache: Path, out_dir: Path) -> dict:
     return json.loads(lines[-1][9:]) if lines else {"rc": r.returncode, "stderr": r.stderr[-1500:]}
 
 
-def main(workdir: str = "/tmp/coldstart") -> dict:
+def main(workdir: str = "/tmp/coldstart", baked: str | None = None) -> dict:
+    """Bake into `workdir` (or use the baked folder `baked`), then the two fresh-process runs."""
     from bench.latency import versions
 
     work = Path(workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     res = {"versions": versions(), "model": "FLUX.1-dev shape, random weights, baked FP8 on local disk",
-           "job": "1024x1024, 28 steps", "bake_s": bake_random_flux(work / "baked")}
+           "job": "1024x1024, 28 steps"}
+    if baked is None:
+        baked = work / "baked"
+        res["bake_s"] = bake_random_flux(baked)
     _write(res)
     cache = work / "compile-cache"
     for name in ("no_cache", "warm_cache"):
-        res[name] = run_child(work / "baked", cache, work / "out")
+        res[name] = run_child(Path(baked), cache, work / "out")
         res[f"{name}_cache_files"] = sorted(p.name for p in cache.glob("*")) if cache.exists() else []
         _write(res)
     return res

@@ -1,0 +1,184 @@
+"""`python -m bench.load_speed`: the baked FP8 FLUX.1-dev-shape denoiser (random weights) from disk or
+S3 into GPU memory, each reader in a fresh process, side by side in one run.
+
+Readers (every one ends with all denoiser tensors on the GPU, synchronized):
+  reader        weights.reader (what the worker uses): parallel preads, pinned staging, async copies
+  load          the worker's whole denoiser load: meta skeleton + weights.reader + load_state_dict
+  safetensors   safetensors.safe_open(device="cuda"), a tensor at a time (the reader it replaced)
+  runai         run-ai's runai-model-streamer (SafetensorsStreamer to host, then .to("cuda"))
+  stream        WEIGHTS_URI path: ranged GETs, sha256 per chunk, pinned buffers, H2D (weights.stream)
+  s3_raw        the same ranged GETs with nothing done to the bytes: the client's ceiling here
+  runai_s3      runai-model-streamer reading the same objects through its S3 backend
+Page cache warm (files just written) and cold (drop_caches before the run). S3 readers talk to
+bench.s3_static on loopback. Writes load_speed_<gpu>.json (bench/results and $OUT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOCAL = ("reader", "safetensors", "runai", "load")
+S3 = ("stream", "s3_raw", "runai_s3")
+
+
+def _shards(root: Path) -> list[Path]:
+    return sorted((root / "transformer").glob("*.safetensors"))
+
+
+def _to_gpu_runai(paths: list[str]) -> int:
+    from runai_model_streamer import SafetensorsStreamer
+
+    out = {}
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files(paths, device="cpu")
+        for name, t in streamer.get_tensors():
+            out[name] = t.to("cuda")
+    return len(out)
+
+
+def _to_gpu_safetensors(paths: list[Path]) -> int:
+    from safetensors import safe_open
+
+    out = {}
+    for p in paths:
+        with safe_open(str(p), framework="pt", device="cuda") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return len(out)
+
+
+def _s3_raw(root: Path, names: list[str]) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.storage import s3_client
+    from weights.stream import WORKERS
+
+    client, chunk = s3_client(), 64 << 20
+
+    def get(item):
+        name, lo, hi = item
+        body = client.get_object(Bucket="bench", Key=f"baked/{name}", Range=f"bytes={lo}-{hi - 1}")["Body"]
+        return len(body.read())
+
+    items = [(n, lo, min(lo + chunk, (root / n).stat().st_size)) for n in names
+             for lo in range(0, (root / n).stat().st_size, chunk)]
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return sum(pool.map(get, items))
+
+
+def child(method: str, root: str) -> None:
+    """One reader in this fresh process; prints LOAD{json}."""
+    import torch
+
+    torch.cuda.init()
+    torch.empty(1, device="cuda")  # the CUDA context is not the reader's cost
+    root_p = Path(root)
+    paths = _shards(root_p)
+    nbytes = sum(p.stat().st_size for p in paths)
+    rel = [str(p.relative_to(root_p)) for p in paths]
+    t0 = time.perf_counter()
+    if method == "reader":
+        from weights.reader import read_shards
+
+        n = sum(len(t) for _, t, _ in read_shards(paths, "cuda"))
+    elif method == "load":
+        from app.plan import Plan
+        from weights import manifest as mf
+        from weights.load import load_denoiser
+
+        plan = Plan("cuda", "fp8", torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
+        n = len(load_denoiser(root_p, mf.read(root_p), plan).state_dict())
+    elif method == "safetensors":
+        n = _to_gpu_safetensors(paths)
+    elif method == "runai":
+        n = _to_gpu_runai([str(p) for p in paths])
+    elif method == "runai_s3":
+        n = _to_gpu_runai([f"s3://bench/baked/{r}" for r in rel])
+    elif method == "s3_raw":
+        n = _s3_raw(root_p, rel)
+    elif method == "stream":
+        from concurrent.futures import ThreadPoolExecutor
+
+        from app.plan import Plan
+        from app.storage import s3_client
+        from weights import manifest as mf
+        from weights.load import _device, fill, skeleton_of
+        from weights.stream import WORKERS, _Fetcher, _shards as stream_shards
+
+        plan = Plan("cuda", "fp8", torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
+        manifest = mf.read(root_p)
+        with ThreadPoolExecutor(WORKERS) as pool:
+            fetcher = _Fetcher(s3_client(), "bench", "baked", manifest, pool)
+            fetcher.check_sizes()
+            model = fill(skeleton_of(root_p, manifest, plan), stream_shards(fetcher, rel, True), _device(plan))
+        n = len(model.state_dict())
+    else:
+        raise SystemExit(f"unknown method {method}")
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    print("LOAD" + json.dumps(dict(method=method, seconds=round(secs, 2), gbytes=round(nbytes / 1e9, 2),
+                                   gb_per_s=round(nbytes / 1e9 / secs, 2), tensors=n,
+                                   peak_vram_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))), flush=True)
+
+
+def run_child(method: str, root: Path, cold: bool, env: dict) -> dict:
+    if cold:
+        from bench.weights_load import drop_cache
+
+        drop_cache(root)
+    r = subprocess.run([sys.executable, "-m", "bench.load_speed", "child", method, str(root)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("LOAD")]
+    res = json.loads(lines[-1][4:]) if lines else {"method": method, "rc": r.returncode, "stderr": r.stderr[-1200:]}
+    res["page_cache"] = "cold" if cold else "warm"
+    print(res, flush=True)
+    return res
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(workdir: str = "/tmp/load_speed", baked: str | None = None, rounds: int = 2) -> dict:
+    from bench.coldstart import bake_random_flux
+    from bench.latency import versions
+    from bench.output import save_json
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    root = Path(baked) if baked else work / "baked"
+    res = {"versions": versions(), "model": "FLUX.1-dev-shape transformer, baked FP8, random weights", "runs": []}
+    if not baked:
+        res["bake_s"] = bake_random_flux(root)
+    env = dict(os.environ)
+    for _ in range(rounds):
+        res["runs"] += [run_child(m, root, False, env) for m in LOCAL]
+        save_json(res, "load_speed")
+    res["runs"] += [run_child(m, root, True, env) for m in ("reader", "safetensors", "runai")]
+    port = _port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.s3_static", str(root.parent), str(port)])
+    try:
+        time.sleep(1.0)
+        env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                   AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}",
+                   AWS_EC2_METADATA_DISABLED="true", RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING="0")
+        res["s3_endpoint"] = "bench.s3_static on 127.0.0.1 (sendfile, path-style), files in the page cache"
+        res["runs"] += [run_child(m, root, False, env) for m in S3]
+    finally:
+        server.terminate()
+    save_json(res, "load_speed")
+    return res
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        child(sys.argv[2], sys.argv[3])
+    else:
+        main(*sys.argv[1:2])
