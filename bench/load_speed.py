@@ -81,18 +81,24 @@ def child(method: str, root: str) -> None:
     paths = _shards(root_p)
     nbytes = sum(p.stat().st_size for p in paths)
     rel = [str(p.relative_to(root_p)) for p in paths]
+    extra: dict = {}
     t0 = time.perf_counter()
     if method == "reader":
         from weights.reader import read_shards
 
         n = sum(len(t) for _, t, _ in read_shards(paths, "cuda"))
     elif method == "load":
+        import diffusers  # noqa: F401  (its import is the worker's import phase, not the load's)
+        from diffusers import FluxTransformer2DModel  # noqa: F401
+
         from app.plan import Plan
         from weights import manifest as mf
         from weights.load import load_denoiser
 
+        extra["import_s"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
         plan = Plan("cuda", "fp8", torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
-        n = len(load_denoiser(root_p, mf.read(root_p), plan).state_dict())
+        n = len(load_denoiser(root_p, mf.read(root_p), plan, times=extra).state_dict())
     elif method == "safetensors":
         n = _to_gpu_safetensors(paths)
     elif method == "runai":
@@ -107,7 +113,7 @@ def child(method: str, root: str) -> None:
         from app.plan import Plan
         from app.storage import s3_client
         from weights import manifest as mf
-        from weights.load import _device, fill, skeleton_of
+        from weights.load import fill, skeleton_of
         from weights.stream import WORKERS, _Fetcher, _shards as stream_shards
 
         plan = Plan("cuda", "fp8", torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
@@ -115,7 +121,7 @@ def child(method: str, root: str) -> None:
         with ThreadPoolExecutor(WORKERS) as pool:
             fetcher = _Fetcher(s3_client(), "bench", "baked", manifest, pool)
             fetcher.check_sizes()
-            model = fill(skeleton_of(root_p, manifest, plan), stream_shards(fetcher, rel, True), _device(plan))
+            model = fill(skeleton_of(root_p, manifest, plan), stream_shards(fetcher, rel, "cuda:0"), "cuda:0")
         n = len(model.state_dict())
     else:
         raise SystemExit(f"unknown method {method}")
@@ -123,7 +129,7 @@ def child(method: str, root: str) -> None:
     secs = time.perf_counter() - t0
     print("LOAD" + json.dumps(dict(method=method, seconds=round(secs, 2), gbytes=round(nbytes / 1e9, 2),
                                    gb_per_s=round(nbytes / 1e9 / secs, 2), tensors=n,
-                                   peak_vram_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))), flush=True)
+                                   peak_vram_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), **extra)), flush=True)
 
 
 def run_child(method: str, root: Path, cold: bool, env: dict) -> dict:
@@ -146,39 +152,56 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def main(workdir: str = "/tmp/load_speed", baked: str | None = None, rounds: int = 2) -> dict:
+def main(argv=None) -> dict:
+    import argparse
+
     from bench.coldstart import bake_random_flux
     from bench.latency import versions
     from bench.output import save_json
 
-    work = Path(workdir)
+    ap = argparse.ArgumentParser(prog="python -m bench.load_speed")
+    ap.add_argument("--workdir", default="/tmp/load_speed")
+    ap.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
+    ap.add_argument("--warm", default=",".join(LOCAL), help="local readers, page cache warm")
+    ap.add_argument("--cold", default="reader,safetensors,runai", help="local readers, page cache dropped")
+    ap.add_argument("--s3", default=",".join(S3), help="readers from the loopback S3 endpoint")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    pick = lambda text: [m for m in text.split(",") if m]  # noqa: E731
+    work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    root = Path(baked) if baked else work / "baked"
+    root = Path(args.baked) if args.baked else work / "baked"
     res = {"versions": versions(), "model": "FLUX.1-dev-shape transformer, baked FP8, random weights", "runs": []}
-    if not baked:
+    if not args.baked:
         res["bake_s"] = bake_random_flux(root)
     env = dict(os.environ)
-    for _ in range(rounds):
-        res["runs"] += [run_child(m, root, False, env) for m in LOCAL]
+    for _ in range(args.rounds):
+        res["runs"] += [run_child(m, root, False, env) for m in pick(args.warm)]
         save_json(res, "load_speed")
-    res["runs"] += [run_child(m, root, True, env) for m in ("reader", "safetensors", "runai")]
+    res["runs"] += [run_child(m, root, True, env) for m in pick(args.cold)]
+    if pick(args.s3):
+        _s3_runs(root, res, env, pick(args.s3))
+    save_json(res, "load_speed")
+    return res
+
+
+def _s3_runs(root: Path, res: dict, env: dict, methods: list[str]) -> None:
     port = _port()
     server = subprocess.Popen([sys.executable, "-m", "bench.s3_static", str(root.parent), str(port)])
     try:
         time.sleep(1.0)
-        env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+        env = dict(env, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                    AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}",
-                   AWS_EC2_METADATA_DISABLED="true", RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING="0")
+                   AWS_EC2_METADATA_DISABLED="true", RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING="0",
+                   RUNAI_STREAMER_LOG_TO_STDERR="1")
         res["s3_endpoint"] = "bench.s3_static on 127.0.0.1 (sendfile, path-style), files in the page cache"
-        res["runs"] += [run_child(m, root, False, env) for m in S3]
+        res["runs"] += [run_child(m, root, False, env) for m in methods]
     finally:
         server.terminate()
-    save_json(res, "load_speed")
-    return res
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         child(sys.argv[2], sys.argv[3])
     else:
-        main(*sys.argv[1:2])
+        main()

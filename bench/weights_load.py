@@ -1,9 +1,9 @@
 """GPU bench: baked FP8Linear FLUX.1-dev-shape transformer load vs bf16 from_pretrained + quantize.
 
-python -m bench.weights_load [--dir /path/with/40GB] [--s3-gb 4]
+python -m bench.weights_load [--dir /path/with/40GB]
 Writes $OUT/weights_<gpu>.json (else bench/results/). Random weights (load speed does not depend on
 their values; fidelity is measured on the same random model). Needs torch, diffusers, safetensors,
-loguru (torchao only for its version); moto + boto3 for the S3 phase, else it records "skipped".
+loguru (torchao only for its version). Streaming from S3 and fresh-process loads: bench.load_speed.
 No network. About 3 minutes on an H100 (disk-bound: 24 GB bf16 + 12 GB FP8 written and read).
 Phases, each with wall time, GB/s, peak host RSS and peak VRAM above what was allocated before:
   bake        build on the GPU (bench.models), save a bf16 copy, `quantize_denoiser` (fused QKV +
@@ -13,7 +13,6 @@ Phases, each with wall time, GB/s, peak host RSS and peak VRAM above what was al
   cold        the same files evicted from the page cache (drop_caches, else fadvise DONTNEED)
   bf16_quant  diffusers from_pretrained of the bf16 save + `quantize_denoiser` on the GPU (what a
               worker without baked weights does); its tensors are compared with the baked files
-  s3          --s3-gb of the baked shards streamed from moto's S3 server on loopback, hash-checked
 """
 
 from __future__ import annotations
@@ -196,7 +195,6 @@ def main():
     global PLAN
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/weights-bench")
-    ap.add_argument("--s3-gb", type=float, default=4.0)
     args = ap.parse_args()
     from app.plan import Plan
 
@@ -221,15 +219,6 @@ def main():
     load_phase(results, "cold", work / "baked")
     bf16_quant_phase(work, results)
     shutil.rmtree(work / "bf16")
-    save(results)  # the local figures survive a failing S3 phase
-    try:
-        from bench.weights_s3 import s3_phase
-
-        s3_phase(work / "baked", results, args.s3_gb, phase)
-    except ImportError as e:
-        results["s3"] = {"skipped": f"moto server or boto3 not installed ({e})"}
-    except Exception as e:  # the loopback endpoint itself failing is a bench problem, not a figure
-        results["s3"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     results["total_s"] = round(time.perf_counter() - t_all, 1)
     save(results)
     print(json.dumps(results, indent=1))

@@ -54,9 +54,6 @@ def shard_key(prefix: str, root: Path) -> tuple[str, bytes]:
 
 def test_stream_loads_a_working_pipeline(baked, bucket, tmp_path, monkeypatch):
     import weights.manifest as mf
-    import weights.stream as stream
-
-    monkeypatch.setattr(stream, "WINDOW", 2)  # fewer shards in flight than there are shards
     assert len(list((baked / "transformer").glob("*.safetensors"))) > 2
     assert max(len(f["chunks"]) for f in mf.read(baked)["files"].values()) > 2
     upload(baked, bucket, "models/tiny")

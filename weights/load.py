@@ -104,12 +104,21 @@ def local_shards(folder: Path, device: str) -> Iterator[Shard]:
     yield from read_shards([folder / n for n in names], device, [f"{folder.name}/{n}" for n in names])
 
 
-def load_denoiser(root: Path, manifest: dict, plan: Plan, shards: Iterable[Shard] | None = None):
-    """The baked denoiser on plan.device; `shards` defaults to the local files."""
+def load_denoiser(root: Path, manifest: dict, plan: Plan, shards: Iterable[Shard] | None = None,
+                  times: dict | None = None):
+    """The baked denoiser on plan.device; `shards` defaults to the local files. `times`, when given,
+    receives the seconds spent building the skeleton and reading + assigning the tensors."""
     folder = Path(root) / manifest["denoiser"]
+    t0 = time.perf_counter()
     model = skeleton_of(root, manifest, plan)
+    t1 = time.perf_counter()
     device = _device(plan)
-    return fill(model, shards if shards is not None else local_shards(folder, device), device)
+    model = fill(model, shards if shards is not None else local_shards(folder, device), device)
+    if plan.device == "cuda":
+        torch.cuda.synchronize()
+    if times is not None:
+        times.update(skeleton_s=round(t1 - t0, 2), tensors_s=round(time.perf_counter() - t1, 2))
+    return model
 
 
 def skeleton_of(root: Path, manifest: dict, plan: Plan):
@@ -147,12 +156,15 @@ def load_baked(path: str | Path, plan: Plan):
     # Sizes only: hashing 12 GB costs seconds on every cold start, and a baked image is immutable;
     # full hashes are `python -m weights verify` (build time) and the S3 stream (every byte).
     mf.check_sizes(root, manifest)
-    t0 = time.perf_counter()
-    denoiser = load_denoiser(root, manifest, plan)
-    secs = time.perf_counter() - t0
+    times: dict = {}
+    denoiser = load_denoiser(root, manifest, plan, times=times)
     nbytes = sum(i["size"] for n, i in manifest["files"].items() if n.startswith(manifest["denoiser"] + "/"))
-    logger.info("baked denoiser: {:.2f} GB in {:.2f} s ({:.2f} GB/s)", nbytes / 1e9, secs, nbytes / 1e9 / max(secs, 1e-9))
-    return assemble(root, manifest, plan, denoiser)
+    logger.info("baked denoiser: skeleton {} s, {:.2f} GB of tensors in {} s ({:.2f} GB/s)", times["skeleton_s"],
+                nbytes / 1e9, times["tensors_s"], nbytes / 1e9 / max(times["tensors_s"], 1e-3))
+    t0 = time.perf_counter()
+    pipe = assemble(root, manifest, plan, denoiser)
+    logger.info("other components (text encoders, VAE) in {:.2f} s", time.perf_counter() - t0)
+    return pipe
 
 
 def family_of(manifest: dict) -> Family:

@@ -24,7 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -70,9 +70,16 @@ def entries(header: dict, data_bytes: int, name: str) -> list[_Entry]:
     return out
 
 
+Fill = Callable[[int, int, memoryview], None]  # (chunk index, file offset, buffer to fill exactly)
+
+
 class ShardReader:
     """Reads shards onto one device with a fixed pool of threads and staging buffers (reused across
-    shards, since pinning host memory costs milliseconds per buffer)."""
+    shards, since pinning host memory costs milliseconds per buffer).
+
+    A file is cut into `chunk`-sized spans of the whole file (span i = bytes [i*chunk, (i+1)*chunk)),
+    the same cut the manifest hashes, so a remote source can check each span as it lands.
+    """
 
     def __init__(self, device: str | torch.device, threads: int = THREADS, chunk: int = CHUNK):
         self.device = torch.device(device)
@@ -92,25 +99,41 @@ class ShardReader:
         self.close()
 
     def read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors on the device, header `__metadata__`) of one safetensors file."""
+        """(tensors on the device, header `__metadata__`) of one local safetensors file."""
         path = Path(path)
         size = path.stat().st_size
         with open(path, "rb") as f:
-            header, start = read_header(f.read(min(size, 8 + (100 << 20))), str(path))
-        metadata = header.pop("__metadata__", {}) or {}
-        items = entries(header, size - start, str(path))
-        tensors = {e.key: torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in items}
-        flat = [tensors[e.key].view(-1).view(torch.uint8) if e.end > e.begin else None for e in items]
+            head = f.read(min(size, 8 + (100 << 20)))
         fd = os.open(path, os.O_RDONLY)
         try:
-            spans = range(0, items[-1].end if items else 0, self.chunk)
-            begins = [e.begin for e in items]
-            jobs = [self._pool.submit(self._copy_span, fd, start, lo, items, begins, flat, path) for lo in spans]
-            for job in jobs:
-                job.result()
+            return self.read_from(lambda i, lo, view: pread_exact(fd, view, lo, path), size, head, str(path))
         finally:
             os.close(fd)
+
+    def read_from(self, fill: Fill, size: int, head: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """Like `read`, from any source: `head` holds at least the file's header, `fill(i, lo, view)`
+        puts file bytes [lo, lo + len(view)) into `view` (and may check them: it sees whole spans)."""
+        header, start = read_header(head, name)
+        metadata = header.pop("__metadata__", {}) or {}
+        items = entries(header, size - start, name)
+        tensors = {e.key: torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in items}
+        flat = [tensors[e.key].view(-1).view(torch.uint8) if e.end > e.begin else None for e in items]
+        layout = _Layout(start, items, [e.begin for e in items], flat, bytes(head[:start]))
+        jobs = [self._pool.submit(self._copy_span, fill, i, size, layout)
+                for i in range(-(-size // self.chunk))]
+        for job in jobs:
+            job.result()
         return tensors, metadata
+
+    def map_spans(self, work: Callable[[int, int, memoryview], None], size: int) -> None:
+        """Run `work(i, lo, view)` for every span of a `size`-byte file on the pool, each with a
+        filled-in-place staging view (for downloads that go to a file, not to tensors)."""
+        def one(i):
+            buf, view, _ = self._stage()
+            lo = i * self.chunk
+            work(i, lo, view[:min(self.chunk, size - lo)])
+        for job in [self._pool.submit(one, i) for i in range(-(-size // self.chunk))]:
+            job.result()
 
     def _stage(self) -> tuple[torch.Tensor, memoryview, torch.cuda.Stream | None]:
         """This thread's staging buffer (pinned for a GPU) and CUDA stream, made once."""
@@ -121,27 +144,45 @@ class ShardReader:
             self._local.stage = (buf, memoryview(buf.numpy()), stream)
         return self._local.stage
 
-    def _copy_span(self, fd: int, start: int, lo: int, items: list[_Entry], begins: list[int], flat: list,
-                   path: Path) -> None:
-        """Read data bytes [lo, lo + chunk) and copy each overlapped tensor's part into it."""
+    def _copy_span(self, fill: Fill, i: int, size: int, layout: "_Layout") -> None:
+        """Fill span i of the file, then copy each overlapped tensor's part of it to the device."""
         buf, view, stream = self._stage()
-        hi = min(lo + self.chunk, items[-1].end)
-        got = 0
-        while got < hi - lo:
-            n = os.preadv(fd, [view[got:hi - lo]], start + lo + got)
-            if n == 0:
-                raise IntegrityError(f"{path}: file ended at byte {start + lo + got} while reading (truncated?)")
-            got += n
-        first = max(bisect.bisect_right(begins, lo) - 1, 0)
+        lo = i * self.chunk
+        hi = min(lo + self.chunk, size)
+        fill(i, lo, view[:hi - lo])
+        if lo < layout.start and bytes(view[:min(hi, layout.start) - lo]) != layout.head[lo:min(hi, layout.start)]:
+            raise IntegrityError("the safetensors header changed between its first read and its checked one")
+        dlo, dhi = max(lo - layout.start, 0), hi - layout.start  # this span in data-section coordinates
+        first = max(bisect.bisect_right(layout.begins, dlo) - 1, 0)
         with torch.cuda.stream(stream) if stream is not None else _nothing():
-            for e, dst in zip(items[first:], flat[first:]):
-                if e.begin >= hi:
+            for e, dst in zip(layout.items[first:], layout.flat[first:]):
+                if e.begin >= dhi:
                     break
-                a, b = max(e.begin, lo), min(e.end, hi)
+                a, b = max(e.begin, dlo), min(e.end, dhi)
                 if dst is not None and a < b:
-                    dst[a - e.begin:b - e.begin].copy_(buf[a - lo:b - lo], non_blocking=stream is not None)
+                    src = buf[a + layout.start - lo:b + layout.start - lo]
+                    dst[a - e.begin:b - e.begin].copy_(src, non_blocking=stream is not None)
         if stream is not None:
             stream.synchronize()  # the staging buffer is reused by this thread's next span
+
+
+@dataclass(frozen=True)
+class _Layout:
+    start: int  # file offset of the data section
+    items: list[_Entry]
+    begins: list[int]
+    flat: list  # each tensor's bytes (uint8 view), None for empty tensors
+    head: bytes  # the header bytes as first read (a checked source must deliver the same)
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, path) -> None:
+    """Fill `view` from `fd` at `offset`; a file that ends first is truncated."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise IntegrityError(f"{path}: file ended at byte {offset + got} while reading (truncated?)")
+        got += n
 
 
 class _nothing:

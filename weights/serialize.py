@@ -10,8 +10,7 @@ INT8 is the one exception: torchao's Int8Tensor is a tensor subclass, so such sh
 in torchao's safetensors layout (`flatten_tensor_state_dict`, type and attributes as JSON in the
 header) and rebuilt by `unflatten`. Only int8 bakes import torchao here.
 
-`tensors_from_buffer` reads a whole file already in memory (the S3 stream) without copying it, and
-checks every tensor's byte range against the file's length, so a truncated file names itself.
+Reading shards (local or streamed) is `weights.reader`'s job.
 """
 
 from __future__ import annotations
@@ -115,25 +114,6 @@ def read_header(data: bytes | memoryview, name: str) -> tuple[dict, int]:
     except ValueError:
         raise IntegrityError(f"{name}: the safetensors header is not valid JSON (altered or truncated)") from None
     return header, 8 + n
-
-
-def tensors_from_buffer(data: bytearray | memoryview, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Zero-copy CPU tensors over a safetensors file held in `data`, and its `__metadata__`."""
-    header, start = read_header(data, name)
-    metadata = header.pop("__metadata__", {}) or {}
-    out = {}
-    for key, info in header.items():
-        begin, end = info["data_offsets"]
-        if start + end > len(data):
-            raise IntegrityError(f"{name}: tensor {key} ends at byte {start + end} but the file has {len(data)} "
-                                 "(truncated)")
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise IntegrityError(f"{name}: tensor {key} has unsupported dtype {info['dtype']}")
-        raw = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=start + begin) if end > begin \
-            else torch.empty(0, dtype=torch.uint8)
-        out[key] = raw.view(dtype).reshape(info["shape"])
-    return out, metadata
 
 
 def unflatten(tensors: dict, metadata: dict, name: str) -> dict:
