@@ -55,6 +55,7 @@ class Settings(BaseModel):
     precision: Literal["auto", "fp8", "int8", "bf16"] = "auto"
     compile: Literal["regional", "full", "off"] = "regional"
     attention: Literal["auto", "native", "cudnn", "flash", "fa3"] = "auto"
+    cuda_graphs: bool = False
     shapes: list[tuple[int, int]] | None = None
     compile_cache_uri: str | None = None
     weights_uri: str | None = None

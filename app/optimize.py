@@ -10,6 +10,8 @@ Order (each step depends on the ones before it):
   4. attention      the kernel chosen per GPU (app.attention)
   5. channels_last  the VAE's convolutions, when measured faster (off by default: see bench)
   6. compile        regional (each repeated block class once: short compile) | full | off
+  7. cuda_graphs    the whole denoiser call replayed from one CUDA graph per shape (app.cudagraphs);
+                    last, since it records whatever the steps before produced
 
 `choose_recipe(plan, settings)` turns the preflight plan into a Recipe; `apply_recipe` loops over
 the steps; nothing here reads the environment.
@@ -33,6 +35,7 @@ class Recipe:
     attention: str = "native"  # native | cudnn | flash | fa3
     vae_channels_last: bool = False
     compile: str = "off"  # regional | full | off
+    cuda_graphs: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +47,8 @@ def choose_recipe(plan, settings) -> Recipe:
         return Recipe()
     quant = plan.precision if plan.precision in ("fp8", "int8") else "none"
     attention = settings.attention if settings.attention != "auto" else _auto_attention(plan.capability)
-    return Recipe(fuse_qkv=True, quantize=quant, attention=attention, compile=settings.compile)
+    return Recipe(fuse_qkv=True, quantize=quant, attention=attention, compile=settings.compile,
+                  cuda_graphs=settings.cuda_graphs)
 
 
 def _auto_attention(capability) -> str:
@@ -158,12 +162,19 @@ def _compile(pipe, family, recipe):
         setattr(pipe, family.denoiser, torch.compile(den, fullgraph=True, dynamic=False))
 
 
+def _cuda_graphs(pipe, family, recipe):
+    from app.cudagraphs import GraphedDenoiser
+
+    setattr(pipe, family.denoiser, GraphedDenoiser(_denoiser(pipe, family)))
+
+
 STEPS = (
     ("fuse_qkv", lambda r: r.fuse_qkv, _fuse_qkv),
     ("quantize", lambda r: r.quantize != "none", _quantize),
     ("attention", lambda r: r.attention != "native", _attention),
     ("channels_last", lambda r: r.vae_channels_last, _channels_last),
     ("compile", lambda r: r.compile != "off", _compile),
+    ("cuda_graphs", lambda r: r.cuda_graphs, _cuda_graphs),
 )
 
 

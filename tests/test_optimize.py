@@ -83,6 +83,9 @@ def plan_for(capability, name="gpu"):
     ((9, 0), Settings(attention="flash"), Recipe(fuse_qkv=True, quantize="fp8", attention="flash", compile="regional")),
     ((9, 0), Settings(attention="native"), Recipe(fuse_qkv=True, quantize="fp8", attention="native", compile="regional")),
     ((8, 9), Settings(attention="fa3"), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional")),
+    ((9, 0), Settings(cuda_graphs=True),
+     Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional", cuda_graphs=True)),
+    (None, Settings(cuda_graphs=True), Recipe()),  # never on the CPU
 ])
 def test_choose_recipe_per_plan(capability, settings, expected):
     assert choose_recipe(plan_for(capability), settings) == expected
@@ -213,10 +216,12 @@ def test_fp8_recipe_is_idempotent(name):
 
 def test_steps_run_in_the_documented_order():
     """fuse before quantize (else the fused to_qkv would be born bf16), attention and channels_last
-    on the quantized model, compile last (it traces the final modules)."""
-    assert [s[0] for s in STEPS] == ["fuse_qkv", "quantize", "attention", "channels_last", "compile"]
+    on the quantized model, compile after them (it traces the final modules), CUDA graphs last (they
+    record what compile produced)."""
+    assert [s[0] for s in STEPS] == ["fuse_qkv", "quantize", "attention", "channels_last", "compile", "cuda_graphs"]
     pipe, family = tiny("flux")
-    full = Recipe(fuse_qkv=True, quantize="fp8", attention="cudnn", vae_channels_last=True, compile="regional")
+    full = Recipe(fuse_qkv=True, quantize="fp8", attention="cudnn", vae_channels_last=True, compile="regional",
+                  cuda_graphs=True)
     applied = apply_recipe(pipe, family, full)  # compile only wraps the blocks; nothing runs here
     assert list(applied) == [s[0] for s in STEPS]
     block = pipe.transformer.transformer_blocks[0]
