@@ -1,7 +1,7 @@
 """A read-only S3-compatible endpoint on loopback that serves a folder, for throughput benches.
 
-`python -m bench.s3_static ROOT PORT`: `GET/HEAD /<bucket>/<key>` (path-style addressing) answer
-with `ROOT/<key>`, `Range: bytes=a-b` honoured (206), bodies sent with `os.sendfile`. Signatures
+`python -m bench.s3_static ROOT PORT`: `GET/HEAD /<bucket>/<key>` (path-style addressing, or
+`/<key>` virtual-host style) answer with `ROOT/<key>`, `Range: bytes=a-b` honoured (206), bodies sent with `os.sendfile`. Signatures
 are not checked. Why not moto's server, which the tests use: moto answers a ranged GET by copying
 the whole object first (a 2 GiB shard read in 64 MiB ranges copies 64 GiB), so its figure would
 measure moto; this one is a floor on what the server costs, so the figure measures our client
@@ -28,11 +28,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _target(self) -> Path | None:
-        parts = self.path.split("?", 1)[0].lstrip("/").split("/", 1)
-        if len(parts) != 2:
-            return None
-        path = (self.root / parts[1]).resolve()
-        return path if path.is_file() and self.root in path.parents else None
+        """ROOT/<key> for path-style `/<bucket>/<key>`, else for virtual-host style `/<key>`."""
+        path = self.path.split("?", 1)[0].lstrip("/")
+        for key in (path.split("/", 1)[-1], path):
+            target = (self.root / key).resolve()
+            if target.is_file() and self.root in target.parents:
+                return target
+        return None
 
     def _missing(self) -> None:
         body = b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code><Message>not found</Message></Error>"

@@ -57,7 +57,7 @@ def test_stock_and_ours_figures(latency_run, name):
         assert len(r[side]["e2e_all"]) == 2 and r[side]["finite"] is True
         assert r[side]["peak_GiB"] is None  # no CUDA here: no memory figures, not zeros
     assert r["recipe"] == {"fuse_qkv": True, "quantize": "fp8", "attention": "native",
-                           "vae_channels_last": False, "compile": "off"}
+                           "vae_channels_last": False, "compile": "off", "cuda_graphs": False}
     assert list(r["ours"]["apply_ms"]) == ["fuse_qkv", "quantize"]
     assert r["ratio_e2e"] == round(r["stock"]["e2e_s"] / r["ours"]["e2e_s"], 2)
     assert r["ratio_per_step"] == round(r["stock"]["per_step_ms"] / r["ours"]["per_step_ms"], 2)

@@ -198,6 +198,17 @@ def test_truncated_shard_without_manifest_check_fails_in_reader(copy):
         load_denoiser(copy, mf.read(copy), CPU)
 
 
+def test_an_error_in_the_background_read_reaches_the_loader(copy):
+    # Same size, altered header (a float32 scale declared int32): seen while the skeleton is built.
+    from tests.weights_fixtures import rewrite_header
+
+    path = next(p for p in (copy / "transformer").glob("*.safetensors")
+                if "transformer_blocks.0.attn.to_qkv.weight_scale" in p.read_bytes()[:100_000].decode(errors="ignore"))
+    rewrite_header(path, lambda h: h["transformer_blocks.0.attn.to_qkv.weight_scale"].update(dtype="I32"))
+    with pytest.raises(IntegrityError, match=r"to_qkv\.weight_scale is torch\.int32, the denoiser expects torch\.float32"):
+        load_baked(copy, CPU)
+
+
 def test_altered_byte_fails_verify_naming_the_file(copy):
     path = shard(copy)
     data = bytearray(path.read_bytes())

@@ -6,15 +6,14 @@ overlaps); only the pinning, the CUDA streams and the asynchronous copies are GP
 
 from __future__ import annotations
 
-import json
-import struct
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from weights.errors import IntegrityError
 from weights.reader import ShardReader, read_shards
+
+from tests.weights_fixtures import rewrite_header
 
 STATE = {
     "fp8": torch.randn(33, 17).to(torch.float8_e4m3fn),
@@ -82,19 +81,8 @@ def test_header_cut_short_is_refused(shard):
         list(read_shards([shard], "cpu"))
 
 
-def _rewrite_header(path, edit):
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    edit(header)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (n - len(text))  # keep the data section where it was
-    assert len(text) == n
-    path.write_bytes(data[:8] + text + data[8 + n:])
-
-
 def test_shape_that_disagrees_with_the_byte_range_is_refused(shard):
-    _rewrite_header(shard, lambda h: h["fp8"].update(shape=[34, 17]))
+    rewrite_header(shard, lambda h: h["fp8"].update(shape=[34, 17]))
     with pytest.raises(IntegrityError, match=r"tensor fp8 spans bytes .* shape \[34, 17\]"):
         list(read_shards([shard], "cpu"))
 
@@ -104,13 +92,13 @@ def test_overlapping_tensors_are_refused(shard):
         begin = header["fp8"]["data_offsets"][0]
         header["bf16"]["data_offsets"] = [begin, begin + 70]  # 5 x 7 bf16 inside the fp8 tensor's bytes
 
-    _rewrite_header(shard, overlap)
+    rewrite_header(shard, overlap)
     with pytest.raises(IntegrityError, match="overlap"):
         list(read_shards([shard], "cpu"))
 
 
 def test_unknown_dtype_is_refused(shard):
-    _rewrite_header(shard, lambda h: h["i64"].update(dtype="C64"))
+    rewrite_header(shard, lambda h: h["i64"].update(dtype="C64"))
     with pytest.raises(IntegrityError, match="tensor i64 has unsupported dtype C64"):
         list(read_shards([shard], "cpu"))
 

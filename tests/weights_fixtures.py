@@ -7,6 +7,7 @@ Each writer quantizes the BFL-named weights of the block linears the way its pub
 from __future__ import annotations
 
 import json
+import struct
 
 import torch
 from safetensors.torch import save_file
@@ -93,3 +94,15 @@ def rewrite(path, edit) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     edit(tensors, meta)
     save_file(tensors, str(path), metadata=meta or None)
+
+
+def rewrite_header(path, edit) -> None:
+    """Apply `edit(header dict)` to a safetensors file's JSON header in place, data untouched."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))  # keep the data section where it was
+    assert len(text) == n
+    path.write_bytes(data[:8] + text + data[8 + n:])
