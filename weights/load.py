@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -107,18 +106,6 @@ def local_shards(folder: Path, device: str) -> Iterator[Shard]:
     yield from read_shards([folder / n for n in names], device, [f"{folder.name}/{n}" for n in names])
 
 
-def in_background(shards: Iterable[Shard]) -> Iterator[Shard]:
-    """Start consuming `shards` on a thread now; iterating the result waits for them (and re-raises
-    the reader's error, if any, in the caller's thread)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
-    future = pool.submit(list, shards)
-    pool.shutdown(wait=False)
-
-    def wait() -> Iterator[Shard]:
-        yield from future.result()
-    return wait()
-
-
 def load_denoiser(root: Path, manifest: dict, plan: Plan, shards: Iterable[Shard] | None = None,
                   times: dict | None = None):
     """The baked denoiser on plan.device; `shards` defaults to the local files. `times`, when given,
@@ -172,11 +159,11 @@ def load_baked(path: str | Path, plan: Plan):
     # full hashes are `python -m weights verify` (build time) and the S3 stream (every byte).
     mf.check_sizes(root, manifest)
     times: dict = {}
-    # The shards are read in the background while the skeleton is built, since building it imports
-    # diffusers: 8-10 s on the H200 machine's image, against 1.4 s to read the 15.2 GB FLUX.1-dev
-    # denoiser from the page cache and 9 s from a cold disk (bench/results/load_speed_h200.json).
-    shards = in_background(local_shards(root / manifest["denoiser"], _device(plan)))
-    denoiser = load_denoiser(root, manifest, plan, shards=shards, times=times)
+    # Read after the skeleton, not during it. Reading the shards on a thread while the skeleton's
+    # diffusers import ran (8-10 s on the H200 machine's image) made the weights phase slower, not
+    # faster: 14.7 s against 12.0 s sequential in bench coldstart (one run each, H200; the readers
+    # and the import contend for the GIL): bench/results/coldstart_h200_prefetch.json.
+    denoiser = load_denoiser(root, manifest, plan, times=times)
     nbytes = sum(i["size"] for n, i in manifest["files"].items() if n.startswith(manifest["denoiser"] + "/"))
     logger.info("baked denoiser: skeleton {} s, {:.2f} GB of tensors in {} s ({:.2f} GB/s)", times["skeleton_s"],
                 nbytes / 1e9, times["tensors_s"], nbytes / 1e9 / max(times["tensors_s"], 1e-3))
