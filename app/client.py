@@ -2,7 +2,7 @@
 
     jobs = RunPodJobs("ENDPOINT_ID", api_key)          # or ModalJobs("https://...modal.run", token)
     job_id = jobs.submit({"prompt": "a red sneaker on a beach", "seed": 7})
-    status = jobs.wait(job_id, timeout=300)            # JobStatus(state="COMPLETED", output={...})
+    status = jobs.wait(job_id, timeout=300)            # JobStatus(status="COMPLETED", output={...}); .state is the same
     url = status.output["images"][0]["url"]
 
 Errors are typed: `JobFailed` (the job ended FAILED, CANCELLED or TIMED_OUT; `.status` says how),
@@ -32,22 +32,8 @@ from urllib.parse import quote
 import httpx
 from loguru import logger
 
-from pydantic import BaseModel
-
-from app.jobs import FINAL_STATES, JobState, normalize_error
-
-
-class JobStatus(BaseModel):
-    """Where a job stands: `state` (IN_QUEUE ... COMPLETED), `output` when COMPLETED, `error` when FAILED."""
-
-    id: str
-    state: JobState
-    output: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
+from app.jobs import StatusBody as JobStatus
+from app.jobs import normalize_error
 
 
 class ClientError(Exception):

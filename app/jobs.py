@@ -16,7 +16,7 @@ import json
 from typing import Any, Literal
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from app.logs import strip_query
 
@@ -34,12 +34,19 @@ class RunRequest(BaseModel):
 
 
 class StatusBody(BaseModel):
-    """The body of `/run`, `/status/{id}` and `/cancel/{id}` answers, and of a webhook call."""
+    """Where a job stands: the body of `/run`, `/status/{id}` and `/cancel/{id}` answers and of a webhook
+    call (`status` on the wire), and what the client returns (`app.client.JobStatus`, read as `.state`).
+    `output` is set when COMPLETED, `error` when FAILED."""
 
     id: str
-    status: JobState
+    status: JobState = Field(validation_alias=AliasChoices("status", "state"))
     output: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+
+    @property
+    def state(self) -> JobState:
+        """The same value as `status`, under the name the client's callers use."""
+        return self.status
 
     @property
     def final(self) -> bool:

@@ -146,16 +146,16 @@ def test_cli_submit_wait_status_cancel(api_url, capsys):
     assert client.main(["--modal", api_url, "submit", '{"prompt": "a cat", "seed": 2}', "--wait",
                         "--timeout", "60"], env) == 0
     done = json.loads(capsys.readouterr().out)
-    assert done["state"] == "COMPLETED" and done["output"]["images"][0]["seed"] == 2
+    assert done["status"] == "COMPLETED" and done["output"]["images"][0]["seed"] == 2
 
     assert client.main(["submit", '{"prompt": "a cat", "seed": 2}'], env | {"MODAL_API_URL": api_url}) == 0
     job_id = json.loads(capsys.readouterr().out)["id"]
     assert client.main(["--modal", api_url, "wait", job_id, "--timeout", "60"], env) == 0
-    assert json.loads(capsys.readouterr().out)["state"] == "COMPLETED"
+    assert json.loads(capsys.readouterr().out)["status"] == "COMPLETED"
     assert client.main(["--modal", api_url, "status", job_id], env) == 0
     assert json.loads(capsys.readouterr().out)["id"] == job_id
     assert client.main(["--modal", api_url, "cancel", job_id], env) == 0  # already done: stays COMPLETED
-    assert json.loads(capsys.readouterr().out)["state"] == "COMPLETED"
+    assert json.loads(capsys.readouterr().out)["status"] == "COMPLETED"
 
 
 def test_cli_exit_codes(api_url, capsys):
