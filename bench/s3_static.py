@@ -72,11 +72,17 @@ class _Handler(BaseHTTPRequestHandler):
                     sent += os.sendfile(self.connection.fileno(), f.fileno(), begin + sent, end - begin + 1 - sent)
 
 
-def serve(root: str, port: int) -> None:
-    _Handler.root = Path(root).resolve()
-    server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+def make_server(root: str | Path, port: int = 0) -> ThreadingHTTPServer:
+    """The endpoint for `root` on 127.0.0.1:`port` (0: any free port), not yet serving."""
+    handler = type("Handler", (_Handler,), {"root": Path(root).resolve()})
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
-    print(f"serving {root} on 127.0.0.1:{port}", flush=True)
+    return server
+
+
+def serve(root: str, port: int) -> None:
+    server = make_server(root, port)
+    print(f"serving {root} on 127.0.0.1:{server.server_port}", flush=True)
     server.serve_forever()
 
 

@@ -110,3 +110,28 @@ def test_missing_object_fails(baked, bucket, tmp_path):
 def test_missing_manifest_fails(bucket, tmp_path):
     with pytest.raises(IntegrityError, match="manifest.json: NoSuchKey"):
         stream_baked(f"s3://{bucket}/nothing", CPU, tmp_path / "cache")
+
+
+def test_stream_through_the_bench_endpoint(baked, tmp_path, monkeypatch):
+    """bench.s3_static, the loopback endpoint of the GPU streaming measurement, serves what the
+    streamer asks (HEAD, ranged GETs, path-style) and 404s a missing key."""
+    import threading
+
+    from bench.s3_static import make_server
+
+    server = make_server(baked.parent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "bench")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "bench")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        pipe, _ = stream_baked(f"s3://bench/{baked.name}", CPU, tmp_path / "cache")
+        local = load_baked(baked, CPU).transformer.state_dict()
+        streamed = pipe.transformer.state_dict()
+        assert all(torch.equal(streamed[k].view(torch.uint8), local[k].view(torch.uint8)) for k in local)
+        with pytest.raises(IntegrityError, match="manifest.json: (404|NoSuchKey)"):
+            stream_baked("s3://bench/nothing-here", CPU, tmp_path / "cache2")
+    finally:
+        server.shutdown()
+

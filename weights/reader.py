@@ -119,6 +119,10 @@ class ShardReader:
         tensors = {e.key: torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in items}
         flat = [tensors[e.key].view(-1).view(torch.uint8) if e.end > e.begin else None for e in items]
         layout = _Layout(start, items, [e.begin for e in items], flat, bytes(head[:start]))
+        if self.device.type == "cuda":
+            # The copies run on the threads' own streams: memory the allocator just handed out may
+            # still be read by queued work on the caller's stream (blocks freed before), so wait for it.
+            torch.cuda.current_stream(self.device).synchronize()
         jobs = [self._pool.submit(self._copy_span, fill, i, size, layout)
                 for i in range(-(-size // self.chunk))]
         for job in jobs:
