@@ -109,3 +109,26 @@ def test_reader_closes_its_threads(shard):
         reader.read(shard)
     with pytest.raises(RuntimeError):
         reader._pool.submit(print)
+
+
+def test_a_failing_span_stops_the_read_and_nothing_runs_after_it(shard):
+    # A remote source's checked chunk fails: the error reaches the caller, queued spans are cancelled,
+    # and no span is still writing into buffers (or reading a closed descriptor) once it has.
+    import time
+
+    data = shard.read_bytes()
+    calls = []
+
+    def fill(i, lo, view):
+        calls.append(i)
+        if i == 3:
+            raise IntegrityError("chunk 3 altered")
+        time.sleep(0.01)
+        view[:] = data[lo:lo + len(view)]
+
+    with ShardReader("cpu", threads=2, chunk=8) as reader:
+        with pytest.raises(IntegrityError, match="chunk 3 altered"):
+            reader.read_from(fill, len(data), data, "remote")
+        seen = len(calls)
+        time.sleep(0.1)
+        assert len(calls) == seen < -(-len(data) // 8)

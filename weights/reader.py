@@ -21,7 +21,8 @@ from __future__ import annotations
 import bisect
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -123,10 +124,7 @@ class ShardReader:
             # The copies run on the threads' own streams: memory the allocator just handed out may
             # still be read by queued work on the caller's stream (blocks freed before), so wait for it.
             torch.cuda.current_stream(self.device).synchronize()
-        jobs = [self._pool.submit(self._copy_span, fill, i, size, layout)
-                for i in range(-(-size // self.chunk))]
-        for job in jobs:
-            job.result()
+        _finish([self._pool.submit(self._copy_span, fill, i, size, layout) for i in range(-(-size // self.chunk))])
         return tensors, metadata
 
     def map_spans(self, work: Callable[[int, int, memoryview], None], size: int) -> None:
@@ -136,8 +134,7 @@ class ShardReader:
             buf, view, _ = self._stage()
             lo = i * self.chunk
             work(i, lo, view[:min(self.chunk, size - lo)])
-        for job in [self._pool.submit(one, i) for i in range(-(-size // self.chunk))]:
-            job.result()
+        _finish([self._pool.submit(one, i) for i in range(-(-size // self.chunk))])
 
     def _stage(self) -> tuple[torch.Tensor, memoryview, torch.cuda.Stream | None]:
         """This thread's staging buffer (pinned for a GPU) and CUDA stream, made once."""
@@ -158,7 +155,7 @@ class ShardReader:
             raise IntegrityError("the safetensors header changed between its first read and its checked one")
         dlo, dhi = max(lo - layout.start, 0), hi - layout.start  # this span in data-section coordinates
         first = max(bisect.bisect_right(layout.begins, dlo) - 1, 0)
-        with torch.cuda.stream(stream) if stream is not None else _nothing():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for e, dst in zip(layout.items[first:], layout.flat[first:]):
                 if e.begin >= dhi:
                     break
@@ -189,12 +186,16 @@ def pread_exact(fd: int, view: memoryview, offset: int, path) -> None:
         got += n
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _finish(jobs: list[Future]) -> None:
+    """Wait for every job; on the first failure cancel those not started, wait for the running ones
+    (they use the caller's file descriptor and buffers), then raise it."""
+    done, _ = wait(jobs, return_when=FIRST_EXCEPTION)
+    failed = next((j for j in done if j.exception() is not None), None)
+    if failed is not None:
+        for j in jobs:
+            j.cancel()
+        wait(jobs)
+        raise failed.exception()
 
 
 def read_shards(paths: Iterable[Path], device: str, names: Iterable[str] | None = None,
