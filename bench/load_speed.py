@@ -42,14 +42,14 @@ def _to_gpu_runai(paths: list[str]) -> int:
     return len(out)
 
 
-def _to_gpu_safetensors(paths: list[Path]) -> int:
+def _safetensors(paths: list[Path], device: str) -> dict:
     from safetensors import safe_open
 
     out = {}
     for p in paths:
-        with safe_open(str(p), framework="pt", device="cuda") as f:
+        with safe_open(str(p), framework="pt", device=device) as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
-    return len(out)
+    return out
 
 
 def _s3_raw(root: Path, names: list[str]) -> int:
@@ -71,67 +71,109 @@ def _s3_raw(root: Path, names: list[str]) -> int:
         return sum(pool.map(get, items))
 
 
-def child(method: str, root: str) -> None:
-    """One reader in this fresh process; prints LOAD{json}."""
+def _plan(device: str):
     import torch
 
-    torch.cuda.init()
-    torch.empty(1, device="cuda")  # the CUDA context is not the reader's cost
+    from app.plan import Plan
+
+    if device == "cpu":  # the plumbing test
+        return Plan("cpu", "fp32")
+    return Plan("cuda", "fp8", torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
+
+
+def _reader(root: Path, paths: list[Path], rel: list[str], extra: dict, device: str):
+    from weights.reader import read_shards
+
+    n, kept = 0, {}
+    for i, (_, tensors, _) in enumerate(read_shards(paths, device)):
+        n += len(tensors)
+        if i in (0, len(paths) - 1):  # kept for the byte check; the rest is freed as it comes
+            kept.update(tensors)
+    return n, kept
+
+
+def _load(root: Path, paths: list[Path], rel: list[str], extra: dict, device: str):
+    from weights import manifest as mf
+    from weights.load import load_denoiser
+
+    state = load_denoiser(root, mf.read(root), _plan(device), times=extra).state_dict()
+    return len(state), state
+
+
+def _stream(root: Path, paths: list[Path], rel: list[str], extra: dict, device: str):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.storage import s3_client
+    from weights import manifest as mf
+    from weights.load import fill, skeleton_of
+    from weights.stream import WORKERS, _Fetcher, _shards as stream_shards
+
+    manifest = mf.read(root)
+    with ThreadPoolExecutor(WORKERS) as pool:
+        fetcher = _Fetcher(s3_client(), "bench", "baked", manifest, pool)
+        fetcher.check_sizes()
+        target = "cuda:0" if device == "cuda" else device
+        model = fill(skeleton_of(root, manifest, _plan(device)), stream_shards(fetcher, rel, target), target)
+    state = model.state_dict()
+    return len(state), state
+
+
+READERS = {
+    "reader": _reader, "load": _load, "stream": _stream,
+    "safetensors": lambda root, paths, rel, extra, device: (len(_safetensors(paths, device)), None),  # the reference
+    "runai": lambda root, paths, rel, extra, device: (_to_gpu_runai([str(p) for p in paths]), None),
+    "runai_s3": lambda root, paths, rel, extra, device: (_to_gpu_runai([f"s3://bench/baked/{r}" for r in rel]), None),
+    "s3_raw": lambda root, paths, rel, extra, device: (_s3_raw(root, rel), None),
+}
+
+
+def _same_bytes(got: dict, paths: list[Path]) -> bool:
+    """Whether the first and last shards' tensors in `got` equal what safetensors reads (on the CPU),
+    byte for byte once in the file's dtype (a CPU plan holds bf16 tensors as their exact fp32 values)."""
+    import torch
+    from safetensors import safe_open
+
+    raw = lambda t: t.detach().cpu().reshape(-1).view(torch.uint8)  # noqa: E731
+    for p in dict.fromkeys([paths[0], paths[-1]]):
+        with safe_open(str(p), framework="pt") as f:
+            for k in f.keys():
+                ref = f.get_tensor(k)
+                if k not in got or not raw(got[k].to(ref.dtype)).equal(raw(ref)):
+                    return False
+    return True
+
+
+def child(method: str, root: str, device: str = "cuda") -> dict:
+    """One reader in this fresh process; prints LOAD{json} and returns it (`device="cpu"`: the
+    plumbing test, where the clocks mean nothing)."""
+    import torch
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.init()
+        torch.empty(1, device="cuda")  # the CUDA context is not the reader's cost
     root_p = Path(root)
     paths = _shards(root_p)
     nbytes = sum(p.stat().st_size for p in paths)
     rel = [str(p.relative_to(root_p)) for p in paths]
     extra: dict = {}
-    if method == "stream":
-        from diffusers import FluxTransformer2DModel  # noqa: F401  (the import phase, not the stream's)
-    t0 = time.perf_counter()
-    if method == "reader":
-        from weights.reader import read_shards
-
-        n = sum(len(t) for _, t, _ in read_shards(paths, "cuda"))
-    elif method == "load":
-        import diffusers  # noqa: F401  (its import is the worker's import phase, not the load's)
+    if method in ("load", "stream"):  # diffusers' import is the worker's import phase, not the load's
+        t0 = time.perf_counter()
         from diffusers import FluxTransformer2DModel  # noqa: F401
 
-        from app.plan import Plan
-        from weights import manifest as mf
-        from weights.load import load_denoiser
-
         extra["import_s"] = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
-        plan = Plan("cuda", "fp8", torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
-        n = len(load_denoiser(root_p, mf.read(root_p), plan, times=extra).state_dict())
-    elif method == "safetensors":
-        n = _to_gpu_safetensors(paths)
-    elif method == "runai":
-        n = _to_gpu_runai([str(p) for p in paths])
-    elif method == "runai_s3":
-        n = _to_gpu_runai([f"s3://bench/baked/{r}" for r in rel])
-    elif method == "s3_raw":
-        n = _s3_raw(root_p, rel)
-    elif method == "stream":
-        from concurrent.futures import ThreadPoolExecutor
-
-        from app.plan import Plan
-        from app.storage import s3_client
-        from weights import manifest as mf
-        from weights.load import fill, skeleton_of
-        from weights.stream import WORKERS, _Fetcher, _shards as stream_shards
-
-        plan = Plan("cuda", "fp8", torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
-        manifest = mf.read(root_p)
-        with ThreadPoolExecutor(WORKERS) as pool:
-            fetcher = _Fetcher(s3_client(), "bench", "baked", manifest, pool)
-            fetcher.check_sizes()
-            model = fill(skeleton_of(root_p, manifest, plan), stream_shards(fetcher, rel, "cuda:0"), "cuda:0")
-        n = len(model.state_dict())
-    else:
-        raise SystemExit(f"unknown method {method}")
-    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n, got = READERS[method](root_p, paths, rel, extra, device)
+    if cuda:
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
-    print("LOAD" + json.dumps(dict(method=method, seconds=round(secs, 2), gbytes=round(nbytes / 1e9, 2),
-                                   gb_per_s=round(nbytes / 1e9 / secs, 2), tensors=n,
-                                   peak_vram_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), **extra)), flush=True)
+    if got is not None:  # outside the timing: the GPU path's bytes against safetensors' own reading
+        extra["bytes_equal_safetensors"] = _same_bytes(got, paths)
+    res = dict(method=method, seconds=round(secs, 2), gbytes=round(nbytes / 1e9, 2),
+               gb_per_s=round(nbytes / 1e9 / secs, 2), tensors=n,
+               peak_vram_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, **extra)
+    print("LOAD" + json.dumps(res), flush=True)
+    return res
 
 
 def run_child(method: str, root: Path, cold: bool, env: dict) -> dict:

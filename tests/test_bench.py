@@ -145,3 +145,25 @@ def test_cli_help_and_tiny_run(tmp_path):
     (js,) = out.glob("latency_*.json")
     res = json.loads(js.read_text())
     assert res["flux"]["ours"]["e2e_s"] > 0 and "sdxl" not in res
+
+
+def test_load_speed_readers_and_their_byte_check_on_cpu(tmp_path, monkeypatch):
+    """bench.load_speed's readers (GPU-only in the bench) run on the CPU here: each returns every tensor,
+    the byte check against safetensors passes, and it fails on a single altered byte."""
+    import torch
+
+    import weights.serialize as ser
+    from bench import load_speed
+    from weights.bake import bake
+
+    monkeypatch.setattr(ser, "MAX_SHARD_BYTES", 40_000)  # several shards: first and last are checked
+    bake("tiny-flux", tmp_path / "baked", "fp8", device="cpu")
+    counts = {m: load_speed.child(m, str(tmp_path / "baked"), "cpu") for m in ("reader", "load", "safetensors")}
+    assert counts["reader"]["tensors"] == counts["load"]["tensors"] == counts["safetensors"]["tensors"] > 0
+    assert counts["reader"]["bytes_equal_safetensors"] and counts["load"]["bytes_equal_safetensors"]
+    paths = load_speed._shards(tmp_path / "baked")
+    assert len(paths) > 2
+    _, got = load_speed._reader(tmp_path / "baked", paths, [], {}, "cpu")
+    key = next(iter(got))
+    got[key].reshape(-1).view(torch.uint8)[0] ^= 1
+    assert not load_speed._same_bytes(got, paths)
