@@ -79,8 +79,10 @@ def describe_s3_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: S3 request failed"
 
 
-def s3_client(connect_timeout: float = 5, read_timeout: float = 30, max_attempts: int = 5):
+def s3_client(connect_timeout: float = 5, read_timeout: float = 30, max_attempts: int = 5,
+              max_pool_connections: int = 10):
     """A boto3 S3 client with bounded timeouts and standard retries (500, 503, SlowDown, resets).
+    `max_pool_connections` must cover the threads that share it (botocore's default is 10).
 
     `max_attempts` counts every attempt, the first included (botocore's `total_max_attempts`; its
     own `max_attempts` key counts retries only, so 1 there meant two tries: measured).
@@ -91,7 +93,7 @@ def s3_client(connect_timeout: float = 5, read_timeout: float = 30, max_attempts
     cfg = Config(
         connect_timeout=connect_timeout, read_timeout=read_timeout,
         retries={"mode": "standard", "total_max_attempts": max_attempts},
-        signature_version="s3v4",
+        signature_version="s3v4", max_pool_connections=max_pool_connections,
     )
     return boto3.client("s3", config=cfg)
 

@@ -58,7 +58,7 @@ def _s3_raw(root: Path, names: list[str]) -> int:
     from app.storage import s3_client
     from weights.stream import WORKERS
 
-    client, chunk = s3_client(), 64 << 20
+    client, chunk = s3_client(max_pool_connections=WORKERS), 64 << 20
 
     def get(item):
         name, lo, hi = item
@@ -110,7 +110,7 @@ def _stream(root: Path, paths: list[Path], rel: list[str], extra: dict, device: 
 
     manifest = mf.read(root)
     with ThreadPoolExecutor(WORKERS) as pool:
-        fetcher = _Fetcher(s3_client(), "bench", "baked", manifest, pool)
+        fetcher = _Fetcher(s3_client(max_pool_connections=WORKERS), "bench", "baked", manifest, pool)
         fetcher.check_sizes()
         target = "cuda:0" if device == "cuda" else device
         model = fill(skeleton_of(root, manifest, _plan(device)), stream_shards(fetcher, rel, target), target)

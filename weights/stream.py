@@ -133,7 +133,7 @@ def cache_root(cache_dir: str | Path, uri: str) -> Path:
 def stream_baked(uri: str, plan: Plan, cache_dir: str | Path, client=None):
     """(pipeline on plan.device, family) from a baked directory under `uri`; every byte hash-checked."""
     bucket, prefix = parse_s3_uri(uri)
-    client = client or s3_client()
+    client = client or s3_client(max_pool_connections=WORKERS)
     try:
         raw = client.get_object(Bucket=bucket, Key=f"{prefix}/{mf.NAME}" if prefix else mf.NAME)["Body"].read()
     except Exception as e:
