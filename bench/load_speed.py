@@ -65,8 +65,8 @@ def _s3_raw(root: Path, names: list[str]) -> int:
         body = client.get_object(Bucket="bench", Key=f"baked/{name}", Range=f"bytes={lo}-{hi - 1}")["Body"]
         return len(body.read())
 
-    items = [(n, lo, min(lo + chunk, (root / n).stat().st_size)) for n in names
-             for lo in range(0, (root / n).stat().st_size, chunk)]
+    sizes = {n: (root / n).stat().st_size for n in names}
+    items = [(n, lo, min(lo + chunk, size)) for n, size in sizes.items() for lo in range(0, size, chunk)]
     with ThreadPoolExecutor(WORKERS) as pool:
         return sum(pool.map(get, items))
 
@@ -105,15 +105,14 @@ def _stream(root: Path, paths: list[Path], rel: list[str], extra: dict, device: 
 
     from app.storage import s3_client
     from weights import manifest as mf
-    from weights.load import fill, skeleton_of
+    from weights.load import _device, load_denoiser
     from weights.stream import WORKERS, _Fetcher, _shards as stream_shards
 
-    manifest = mf.read(root)
+    manifest, plan = mf.read(root), _plan(device)
     with ThreadPoolExecutor(WORKERS) as pool:
         fetcher = _Fetcher(s3_client(max_pool_connections=WORKERS), "bench", "baked", manifest, pool)
         fetcher.check_sizes()
-        target = "cuda:0" if device == "cuda" else device
-        model = fill(skeleton_of(root, manifest, _plan(device)), stream_shards(fetcher, rel, target), target)
+        model = load_denoiser(root, manifest, plan, stream_shards(fetcher, rel, _device(plan)), extra)
     state = model.state_dict()
     return len(state), state
 

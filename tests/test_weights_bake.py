@@ -198,13 +198,15 @@ def test_truncated_shard_without_manifest_check_fails_in_reader(copy):
         load_denoiser(copy, mf.read(copy), CPU)
 
 
-def test_an_error_in_the_background_read_reaches_the_loader(copy):
-    # Same size, altered header (a float32 scale declared int32): seen while the skeleton is built.
+def test_a_scale_declared_int32_in_place_is_refused_by_the_loader(copy):
+    # Same size, altered header (a float32 scale declared int32): sizes pass, the dtype check does not.
     from tests.weights_fixtures import rewrite_header
 
-    path = next(p for p in (copy / "transformer").glob("*.safetensors")
-                if "transformer_blocks.0.attn.to_qkv.weight_scale" in p.read_bytes()[:100_000].decode(errors="ignore"))
-    rewrite_header(path, lambda h: h["transformer_blocks.0.attn.to_qkv.weight_scale"].update(dtype="I32"))
+    from weights.serialize import INDEX_NAME
+
+    key = "transformer_blocks.0.attn.to_qkv.weight_scale"
+    path = copy / "transformer" / json.loads((copy / "transformer" / INDEX_NAME).read_text())["weight_map"][key]
+    rewrite_header(path, lambda h: h[key].update(dtype="I32"))
     with pytest.raises(IntegrityError, match=r"to_qkv\.weight_scale is torch\.int32, the denoiser expects torch\.float32"):
         load_baked(copy, CPU)
 

@@ -81,6 +81,13 @@ def test_header_cut_short_is_refused(shard):
         list(read_shards([shard], "cpu"))
 
 
+def test_a_huge_declared_header_is_refused_without_reading_it(shard):
+    data = shard.read_bytes()
+    shard.write_bytes((1 << 40).to_bytes(8, "little") + data[8:])
+    with pytest.raises(IntegrityError, match="header length 1099511627776 exceeds the file"):
+        list(read_shards([shard], "cpu"))
+
+
 def test_shape_that_disagrees_with_the_byte_range_is_refused(shard):
     rewrite_header(shard, lambda h: h["fp8"].update(shape=[34, 17]))
     with pytest.raises(IntegrityError, match=r"tensor fp8 spans bytes .* shape \[34, 17\]"):

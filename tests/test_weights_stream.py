@@ -54,6 +54,9 @@ def shard_key(prefix: str, root: Path) -> tuple[str, bytes]:
 
 def test_stream_loads_a_working_pipeline(baked, bucket, tmp_path, monkeypatch):
     import weights.manifest as mf
+    import weights.stream as stream
+
+    monkeypatch.setattr(stream, "HEAD_BYTES", 64)  # every header is longer: the second header read runs
     assert len(list((baked / "transformer").glob("*.safetensors"))) > 2
     assert max(len(f["chunks"]) for f in mf.read(baked)["files"].values()) > 2
     upload(baked, bucket, "models/tiny")
@@ -135,3 +138,15 @@ def test_stream_through_the_bench_endpoint(baked, tmp_path, monkeypatch):
     finally:
         server.shutdown()
 
+
+
+def test_the_stream_client_keeps_a_connection_per_thread(baked, bucket, tmp_path, monkeypatch):
+    # botocore keeps 10 connections by default; the stream's 16 threads would reconnect per chunk.
+    import weights.stream as stream
+
+    made = []
+    real = stream.s3_client
+    monkeypatch.setattr(stream, "s3_client", lambda **kw: made.append(real(**kw)) or made[-1])  # a spy
+    upload(baked, bucket, "models/pool")
+    stream_baked(f"s3://{bucket}/models/pool", CPU, tmp_path / "cache")
+    assert [c.meta.config.max_pool_connections for c in made] == [stream.WORKERS]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
@@ -86,7 +87,7 @@ class ShardReader:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.chunk, self.threads = chunk, threads
+        self.chunk = chunk
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-read")
 
@@ -103,8 +104,9 @@ class ShardReader:
         """(tensors on the device, header `__metadata__`) of one local safetensors file."""
         path = Path(path)
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(min(size, 8 + (100 << 20)))
+        with open(path, "rb") as f:  # the header only: its length, then itself
+            first = f.read(8)
+            head = first + f.read(head_size(first) - len(first))
         fd = os.open(path, os.O_RDONLY)
         try:
             return self.read_from(lambda i, lo, view: pread_exact(fd, view, lo, path), size, head, str(path))
@@ -174,6 +176,12 @@ class _Layout:
     begins: list[int]
     flat: list  # each tensor's bytes (uint8 view), None for empty tensors
     head: bytes  # the header bytes as first read (a checked source must deliver the same)
+
+
+def head_size(first: bytes) -> int:
+    """Bytes to read for a safetensors header given the file's first 8 (capped: `read_header` refuses
+    a length past 100 MiB with a clear message, with no need to read that much first)."""
+    return 8 + min(struct.unpack("<Q", first)[0], (100 << 20) + 1) if len(first) == 8 else len(first)
 
 
 def pread_exact(fd: int, view: memoryview, offset: int, path) -> None:

@@ -23,20 +23,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from loguru import logger
 
 from app.plan import Plan
 from app.storage import describe_s3_error, parse_s3_uri, s3_client
 from weights import manifest as mf
 from weights.errors import IntegrityError
-from weights.load import _check_plan, _device, assemble, family_of, fill, skeleton_of
-from weights.reader import ShardReader
+from weights.load import _check_plan, _device, assemble, family_of, load_denoiser
+from weights.reader import ShardReader, head_size
 
 WORKERS = 16  # parallel ranged GETs; S3 serves ~100 MB/s per connection
 HEAD_BYTES = 1 << 20  # first read of a shard: its safetensors header (FLUX's are ~30 KB)
@@ -112,8 +109,9 @@ class _Fetcher:
         size = self.manifest["files"][name]["size"]
         head = bytearray(min(size, HEAD_BYTES))
         self.get(name, 0, memoryview(head))
-        if len(head) >= 8 and 8 + struct.unpack("<Q", head[:8])[0] > len(head) and size > len(head):
-            head = bytearray(min(size, 8 + struct.unpack("<Q", head[:8])[0]))  # a header past 1 MiB
+        need = min(head_size(bytes(head[:8])), size)
+        if need > len(head):  # a header past HEAD_BYTES: one more read
+            head = bytearray(need)
             self.get(name, 0, memoryview(head))
         return reader.read_from(self.checked(name), size, bytes(head), name)
 
@@ -150,13 +148,9 @@ def stream_baked(uri: str, plan: Plan, cache_dir: str | Path, client=None):
         with ShardReader("cpu", threads=WORKERS, chunk=fetcher.chunk) as files:
             for name in (n for n in manifest["files"] if n not in shards):
                 fetcher.download(name, root / name, files)
-        t0 = time.perf_counter()
-        model = skeleton_of(root, manifest, plan)
-        denoiser = fill(model, _shards(fetcher, shards, _device(plan)), _device(plan))
-        if plan.device == "cuda":
-            torch.cuda.synchronize()
+        times: dict = {}
+        denoiser = load_denoiser(root, manifest, plan, _shards(fetcher, shards, _device(plan)), times)
         nbytes = sum(manifest["files"][n]["size"] for n in shards)
-        secs = time.perf_counter() - t0
-        logger.info("streamed denoiser from {}: {:.2f} GB in {:.2f} s ({:.2f} GB/s)", uri, nbytes / 1e9, secs,
-                    nbytes / 1e9 / max(secs, 1e-9))
+        logger.info("streamed denoiser from {}: skeleton {} s, {:.2f} GB in {} s ({:.2f} GB/s)", uri,
+                    times["skeleton_s"], nbytes / 1e9, times["tensors_s"], nbytes / 1e9 / max(times["tensors_s"], 1e-3))
     return assemble(root, manifest, plan, denoiser), family
