@@ -4,17 +4,42 @@ FLUX at 1024x1024 spends ~15 of its ~74 TFLOP per step in attention (4,608 token
 128). PyTorch's default SDPA on H100 is FlashAttention-2 (no Hopper wgmma/TMA); cuDNN's SDPA and
 FlashAttention-3 use them. `fa3` needs the `fa3-fwd` wheel (forward-only FA3 build); when it is
 missing or does not load, we fall back to cuDNN and say so.
+
+`fa3_fp8` (opt-in) runs the same FA3 kernel on e4m3 Q/K/V with one scale per (batch, head) and K
+centred over the sequence first (exact: without a mask, subtracting one vector from every key shifts
+each query's logits by a constant, which softmax ignores; it removes the keys' shared offset, which
+would otherwise spend the e4m3 range). The probabilities are rounded to e4m3 inside the kernel too.
+Opt-in because random weights cannot show what real activations' outliers do to it.
 """
 
 from __future__ import annotations
 
+import torch
 from loguru import logger
 
-BACKENDS = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3"}
+BACKENDS = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3",
+            "fa3_fp8": "_flash_3"}
+E4M3_MAX = 448.0
 
 
-def _install_fa3() -> bool:
-    """Register fa3-fwd's kernel as diffusers' `_flash_3` backend; False when it cannot load."""
+def quantize_heads(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes, fp32 descale [batch, heads]) of a [batch, seq, heads, dim] tensor, one scale per head."""
+    amax = t.abs().amax(dim=(1, 3)).float()
+    scale = (amax / E4M3_MAX).clamp(min=1e-12)
+    codes = (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def fp8_inputs(query, key, value):
+    """The centred, per-head quantized (q, k, v) and their descales, as `fa3_fp8` feeds the kernel."""
+    key = key - key.mean(dim=1, keepdim=True)
+    (q, qd), (k, kd), (v, vd) = (quantize_heads(t) for t in (query, key, value))
+    return (q, k, v), (qd, kd, vd)
+
+
+def _install_fa3(fp8: bool = False) -> bool:
+    """Register fa3-fwd's kernel (bf16, or e4m3 when `fp8`) as diffusers' `_flash_3` backend; False when
+    it cannot load."""
     try:
         from fa3_fwd_interface import flash_attn_func
     except Exception as e:  # missing wheel, or built against another torch ABI
@@ -25,7 +50,11 @@ def _install_fa3() -> bool:
     def fa3(query, key, value, attn_mask=None, scale=None, is_causal=False, return_lse=False, _parallel_config=None):
         if attn_mask is not None:
             raise ValueError("fa3 attention takes no mask")
-        out = flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
+        if fp8 and not is_causal:  # centring K is exact only without a mask or causality
+            (q, k, v), (qd, kd, vd) = fp8_inputs(query, key, value)
+            out = flash_attn_func(q, k, v, softmax_scale=scale, q_descale=qd, k_descale=kd, v_descale=vd)
+        else:
+            out = flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
         out = out[0] if isinstance(out, tuple) else out
         return (out, None) if return_lse else out
 
@@ -49,12 +78,12 @@ def takes_backend(denoiser) -> bool:
 
 
 def set_attention(denoiser, name: str) -> str:
-    """Set `denoiser`'s attention backend (native|cudnn|flash|fa3); return the one actually used."""
+    """Set `denoiser`'s attention backend (native|cudnn|flash|fa3|fa3_fp8); return the one actually used."""
     if name != "native" and not takes_backend(denoiser):
         logger.warning("{} has no backend-aware attention processors; {} not applied, PyTorch's SDPA stays",
                        type(denoiser).__name__, name)
         return "native"
-    if name == "fa3" and not _install_fa3():
+    if name in ("fa3", "fa3_fp8") and not _install_fa3(fp8=name == "fa3_fp8"):
         name = "cudnn"
     if name != "native":
         denoiser.set_attention_backend(BACKENDS[name])

@@ -54,8 +54,8 @@ class Settings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp8", "int8", "bf16"] = "auto"
     compile: Literal["regional", "full", "off"] = "regional"
-    attention: Literal["auto", "native", "cudnn", "flash", "fa3"] = "auto"
-    cuda_graphs: bool = False
+    attention: Literal["auto", "native", "cudnn", "flash", "fa3", "fa3_fp8"] = "auto"
+    cuda_graphs: bool | None = None  # None: the model family decides (Family.cuda_graphs)
     shapes: list[tuple[int, int]] | None = None
     compile_cache_uri: str | None = None
     weights_uri: str | None = None

@@ -3,7 +3,7 @@
 Why our own wrapper and not `torch.compile(mode="reduce-overhead")`: inductor's CUDA graph trees
 graph each compiled block separately and reuse their output buffers, and diffusers' FLUX blocks
 keep a block's output alive across the next call, which the trees refuse ("accessing tensor output
-of CUDAGraphs that has been overwritten by a subsequent run", H200, bench/results/variants_h200.json).
+of CUDAGraphs that has been overwritten by a subsequent run", H200, bench/results/variants_graphs_h200.json).
 Here one graph covers the denoiser's whole forward (all regionally compiled blocks and the eager
 code between them), its inputs are copied into static buffers and its outputs cloned out, so
 nothing the pipeline holds is ever overwritten.

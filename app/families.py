@@ -39,6 +39,9 @@ class Family:
     # almost no time (they are <1% of the FLOPs).
     quant_skip: tuple[str, ...] = ()
     negative_prompt: bool = True  # does the pipeline take a negative prompt without extra passes
+    # CUDA graphs around the denoiser when CUDA_GRAPHS is unset: on where a step is launch-bound
+    # (SDXL's 70 compiled blocks per UNet call), off where the GPU is the bottleneck (FLUX).
+    cuda_graphs: bool = False
     vram_gib: dict[str, float] = field(default_factory=dict)  # plan -> GiB needed at 1024x1024
     tiny: Callable[[], object] | None = None
     tiny_defaults: Defaults | None = None
@@ -78,6 +81,7 @@ FLUX = Family(
     quant_skip=(r"x_embedder", r"context_embedder", r"time_text_embed\..*", r"norm_out\..*", r"proj_out",
                 r".*norm1(_context)?\.linear", r"single_transformer_blocks\.\d+\.norm\.linear"),
     negative_prompt=False,  # guidance-distilled: a negative prompt needs true CFG (2x cost)
+    cuda_graphs=False,  # H200: 95.9 vs 96.2 ms/step (0.3%), not worth the graphs' memory (variants_graphs_h200.json)
     vram_gib={"bf16": 36.0, "fp8": 22.0, "int8": 22.0},
     tiny=_tiny_flux,
     tiny_defaults=Defaults(256, 256, 4, 3.5, 64),
@@ -95,6 +99,7 @@ SDXL = Family(
     quant_skip=(r"conv_in", r"conv_out", r"time_embedding\..*", r"add_embedding\..*", r".*norm.*",
                 r".*time_emb_proj", r".*conv_shortcut", r".*proj_in", r".*proj_out"),
     negative_prompt=True,  # classifier-free guidance: both halves in one batched UNet forward
+    cuda_graphs=True,  # H200 1024x1024: 46.7 -> 38.9 ms/step (latency_sdxl_nographs/_graphs_h200.json)
     vram_gib={"bf16": 12.0, "fp8": 10.0, "int8": 10.0},
     tiny=_tiny_sdxl,
     tiny_defaults=Defaults(256, 256, 4, 5.0),

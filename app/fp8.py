@@ -85,6 +85,8 @@ class FP8Linear(nn.Module):
         # Measured on H100 (bench/results/gemm_h100.json, FLUX shapes): fast accumulation is 5-15%
         # faster (torchao's inference default too), and a bias in the GEMM epilogue costs ~10-15%
         # while the same add fuses for free into the next elementwise kernel under torch.compile.
+        # cuBLAS rather than MSLK 1.1.0's CUTLASS row-wise kernel: MSLK ran from 1% faster to 28% slower
+        # at FLUX's shapes and 2.8% slower per step (H200: bench/results/gemm_h200.json, variants_h200_s3.json).
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.t(),
                              out_dtype=self.out_dtype, use_fast_accum=True)
         y = y if self.bias is None else y + self.bias

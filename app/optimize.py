@@ -13,7 +13,7 @@ Order (each step depends on the ones before it):
   7. cuda_graphs    the whole denoiser call replayed from one CUDA graph per shape (app.cudagraphs);
                     last, since it records whatever the steps before produced
 
-`choose_recipe(plan, settings)` turns the preflight plan into a Recipe; `apply_recipe` loops over
+`choose_recipe(plan, settings, family)` turns the preflight plan into a Recipe; `apply_recipe` loops over
 the steps; nothing here reads the environment.
 """
 
@@ -32,7 +32,7 @@ from app.fp8 import fits_scaled_mm, swap_linears
 class Recipe:
     fuse_qkv: bool = False
     quantize: str = "none"  # fp8 | int8 | none
-    attention: str = "native"  # native | cudnn | flash | fa3
+    attention: str = "native"  # native | cudnn | flash | fa3 | fa3_fp8
     vae_channels_last: bool = False
     compile: str = "off"  # regional | full | off
     cuda_graphs: bool = False
@@ -41,14 +41,16 @@ class Recipe:
         return asdict(self)
 
 
-def choose_recipe(plan, settings) -> Recipe:
-    """The recipe for a plan: everything on a CUDA GPU, nothing on the CPU (the tiny reference path)."""
+def choose_recipe(plan, settings, family=None) -> Recipe:
+    """The recipe for a plan: everything on a CUDA GPU, nothing on the CPU (the tiny reference path).
+
+    CUDA graphs follow CUDA_GRAPHS when it is set, else the family's default (`Family.cuda_graphs`)."""
     if plan.device != "cuda":
         return Recipe()
     quant = plan.precision if plan.precision in ("fp8", "int8") else "none"
     attention = settings.attention if settings.attention != "auto" else _auto_attention(plan.capability)
-    return Recipe(fuse_qkv=True, quantize=quant, attention=attention, compile=settings.compile,
-                  cuda_graphs=settings.cuda_graphs)
+    graphs = settings.cuda_graphs if settings.cuda_graphs is not None else bool(family and family.cuda_graphs)
+    return Recipe(fuse_qkv=True, quantize=quant, attention=attention, compile=settings.compile, cuda_graphs=graphs)
 
 
 def _auto_attention(capability) -> str:

@@ -59,7 +59,7 @@ class Service:
         from app import compile_cache
         from app.optimize import apply_recipe, choose_recipe, warmup
 
-        recipe = choose_recipe(plan, settings)
+        recipe = choose_recipe(plan, settings, family)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
         service = cls(pipe, family, settings, plan, store, phases)

@@ -13,14 +13,20 @@ def main(argv=None) -> int:
     lat = sub.add_parser("latency", help="stock vs recipe, FLUX and SDXL shapes")
     lat.add_argument("--models", default="flux,sdxl")
     lat.add_argument("--compile", default="regional", choices=["regional", "full", "off"])
-    lat.add_argument("--attention", default="fa3", choices=["fa3", "cudnn", "native", "flash"])
+    lat.add_argument("--attention", default="fa3", choices=["fa3", "fa3_fp8", "cudnn", "native", "flash"])
+    lat.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                     help="app.cudagraphs around the denoiser (auto: the family's default, as the worker)")
+    lat.add_argument("--inductor", action="append", default=[], metavar="NAME=INT",
+                     help="an inductor config value for this run, e.g. realize_opcount_threshold=100")
     lat.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (and $OUT when set)")
     lat.add_argument("--tiny", action="store_true", help="app.tiny's models instead of the full-size ones")
     lat.add_argument("--size", type=int, default=1024)
     lat.add_argument("--steps", type=int, default=None, help="default: 28 (FLUX), 30 (SDXL)")
     var = sub.add_parser("variants", help="per-step time of recipe variants (FLUX shape)")
-    var.add_argument("names", nargs="*", default=["full", "regional_cdt"])
+    var.add_argument("names", nargs="*", default=["regional", "regional_inline"])
+    var.add_argument("--profile", action="store_true", help="also profile one step of each variant")
     sub.add_parser("gemm", help="FP8 GEMM paths and FA3 bf16/FP8 attention micro-benchmarks")
+    sub.add_parser("quant", help="FP8Linear's fused activation quantizer, stages left out (FLUX shape)")
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
@@ -34,15 +40,20 @@ def main(argv=None) -> int:
 
             builders = {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}
         latency(tuple(args.models.split(",")), args.compile, args.attention, args.out, builders, args.size,
-                args.steps)
+                args.steps, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+                inductor=dict(kv.split("=", 1) for kv in args.inductor))
     elif args.cmd == "variants":
         from bench.variants import run
 
-        run(args.names)
+        run(args.names, args.profile)
     elif args.cmd == "gemm":
         from bench.gemm import main as gemm
 
         gemm()
+    elif args.cmd == "quant":
+        from bench.quant_kernel import main as quant
+
+        quant()
     elif args.cmd == "coldstart":
         from bench.coldstart import main as coldstart
 

@@ -98,6 +98,12 @@ def run_model(name: str, recipe: Recipe, build=None, size: int = 1024, steps: in
     out["ours"]["rel_err_vs_stock"] = round(((got - ref).norm() / ref.norm()).item(), 5)
     out["ours"]["fidelity_bound"] = FIDELITY_BOUND
     out["ours"]["fidelity_ok"] = out["ours"]["rel_err_vs_stock"] <= FIDELITY_BOUND
+    if recipe.cuda_graphs:
+        kw = dict(height=size, width=size, num_inference_steps=min(steps, 4), guidance_scale=guidance,
+                  output_type="latent")
+        with torch.inference_mode():
+            emb = timing._encode(pipe, name)
+        out["ours"]["graph_vs_plain_rel_err"] = timing.graph_vs_plain(pipe, name, emb, kw)
     out["ratio_e2e"] = round(out["stock"]["e2e_s"] / out["ours"]["e2e_s"], 2)
     out["ratio_per_step"] = round(out["stock"]["per_step_ms"] / out["ours"]["per_step_ms"], 2)
     if profile is None:
@@ -133,11 +139,20 @@ def versions() -> dict:
 
 def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str = "fa3",
          out_dir: str = "bench/results", builders: dict | None = None, size: int = 1024, steps: int | None = None,
-         reps: int = 3) -> dict:
-    """Run each model (errors are kept per model), writing JSON and PNG to `out_dir` (and $OUT) after each."""
+         reps: int = 3, cuda_graphs: bool | None = None, inductor: dict | None = None) -> dict:
+    """Run each model (errors are kept per model), writing JSON and PNG to `out_dir` (and $OUT) after each.
+
+    `cuda_graphs` None follows each family's default, as the worker does when CUDA_GRAPHS is unset."""
     res = {"versions": versions(), "shape": f"{size}x{size}, batch 1", "size": size}
+    if inductor:
+        import torch._inductor.config as ic
+
+        for k, v in inductor.items():
+            setattr(ic, k, int(v))
+        res["inductor"] = inductor
     for name in models:
-        recipe = Recipe(fuse_qkv=True, quantize="fp8", attention=attention, compile=compile_mode)
+        graphs = FAMILIES[name].cuda_graphs if cuda_graphs is None else cuda_graphs
+        recipe = Recipe(fuse_qkv=True, quantize="fp8", attention=attention, compile=compile_mode, cuda_graphs=graphs)
         try:
             res[name] = run_model(name, recipe, (builders or {}).get(name), size, steps, reps)
         except Exception as e:  # keep the other model's figures

@@ -80,3 +80,19 @@ def warm(pipe, family_name: str, guidance: float, size: int = 1024) -> float:
     with torch.inference_mode():
         s, _ = timed(lambda: pipe(PROMPT, height=size, width=size, num_inference_steps=2, guidance_scale=guidance))
     return round(s, 2)
+
+
+def graph_vs_plain(pipe, family_name: str, emb: dict, kw: dict) -> float:
+    """Relative difference of the final latents, replayed CUDA graphs vs the same denoiser run plainly
+    (same seed): replay must change nothing but the launch overhead."""
+    from app.families import FAMILIES
+
+    den = getattr(pipe, FAMILIES[family_name].denoiser)
+    outs = []
+    with torch.inference_mode():
+        for enabled in (True, False):
+            den.enabled = enabled
+            g = torch.Generator(pipe.device.type).manual_seed(0)
+            outs.append(pipe(**emb, **kw, generator=g).images.float())
+    den.enabled = True
+    return round(((outs[0] - outs[1]).norm() / outs[1].norm()).item(), 6)

@@ -28,6 +28,11 @@ def test_every_field_is_read_from_its_upper_case_variable():
         cache_dir="/c", job_timeout_s=12.5, preflight=False, warmup=False)
 
 
+@pytest.mark.parametrize("value", ["auto", "native", "cudnn", "flash", "fa3", "fa3_fp8"])
+def test_every_attention_backend_is_accepted(value):
+    assert Settings.from_env({"ATTENTION": value}).attention == value
+
+
 def test_empty_values_mean_default():
     assert Settings.from_env({"MODEL": "", "PRESIGN_TTL_S": ""}) == Settings()
 
@@ -60,6 +65,8 @@ def test_hf_hub_offline_is_honoured(value, offline):
     ({"DEVICE": "tpu"}, "DEVICE"),
     ({"PRECISION": "fp4"}, "PRECISION"),
     ({"ATTENTION": "fast"}, "ATTENTION"),
+    ({"ATTENTION": "fa3-fp8"}, "ATTENTION"),  # the value is spelled with an underscore
+    ({"ATTENTION": "fp8"}, "ATTENTION"),
     ({"JOB_TIMEOUT_S": "0"}, "JOB_TIMEOUT_S"),
     ({"PREFLIGHT": "maybe"}, "PREFLIGHT"),
 ])
@@ -72,3 +79,14 @@ def test_a_bad_value_breaks_the_worker_naming_the_variable(env, name):
 def test_secret_values_are_collected_for_redaction():
     env = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "HF_TOKEN": "hf_abcdef", "MODEL": "tiny-flux", "API_TOKEN": "x"}
     assert sorted(secret_values(env)) == ["hf_abcdef", "s3cr3t-value"]  # 1-char values would redact everything
+
+
+@pytest.mark.parametrize("raw, expected", [(None, None), ("0", False), ("false", False), ("1", True), ("true", True)])
+def test_cuda_graphs_unset_leaves_the_choice_to_the_family(raw, expected):
+    env = {} if raw is None else {"CUDA_GRAPHS": raw}
+    assert Settings.from_env(env).cuda_graphs is expected
+
+
+def test_a_bad_cuda_graphs_value_names_the_variable():
+    with pytest.raises(WorkerBroken, match="CUDA_GRAPHS"):
+        Settings.from_env({"CUDA_GRAPHS": "sometimes"})

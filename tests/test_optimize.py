@@ -91,6 +91,18 @@ def test_choose_recipe_per_plan(capability, settings, expected):
     assert choose_recipe(plan_for(capability), settings) == expected
 
 
+@pytest.mark.parametrize("family, cuda_graphs, expected", [
+    (SDXL, None, True),  # launch-bound UNet: graphs on unless CUDA_GRAPHS says otherwise
+    (SDXL, False, False),
+    (FLUX, None, False),  # GPU-bound: off by default
+    (FLUX, True, True),
+])
+def test_cuda_graphs_follow_the_family_unless_set(family, cuda_graphs, expected):
+    recipe = choose_recipe(plan_for((9, 0)), Settings(cuda_graphs=cuda_graphs), family)
+    assert recipe.cuda_graphs is expected
+    assert choose_recipe(plan_for(None), Settings(cuda_graphs=cuda_graphs), family).cuda_graphs is False
+
+
 def test_a_forced_bf16_plan_on_hopper_does_not_quantize():
     plan = Plan("cuda", "bf16", (9, 0), "NVIDIA H100 80GB HBM3")
     assert choose_recipe(plan, Settings()).quantize == "none"
@@ -313,19 +325,37 @@ def _backends(d):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fa3_fwd_interface") is not None, reason="fa3-fwd is installed here")
-def test_fa3_without_its_wheel_falls_back_to_cudnn_and_says_so():
+@pytest.mark.parametrize("name", ["fa3", "fa3_fp8"])  # fa3_fp8 runs the same wheel's kernel on e4m3 inputs
+def test_fa3_without_its_wheel_falls_back_to_cudnn_and_says_so(name):
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     pipe, _ = tiny("flux")
     lines = []
     sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
     try:
-        used = set_attention(pipe.transformer, "fa3")
+        used = set_attention(pipe.transformer, name)
     finally:
         logger.remove(sink)
     assert used == "cudnn"
     assert _backends(pipe.transformer) == {AttentionBackendName._NATIVE_CUDNN}
     assert any("fa3 attention unavailable" in line for line in lines)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fa3_fwd_interface") is not None, reason="fa3-fwd is installed here")
+def test_fa3_fp8_recipe_without_the_wheel_runs_on_cudnn_and_reports_it():
+    """Through apply_recipe, as the worker does: the step's log line names the backend actually used."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    pipe, family = tiny("flux")
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
+    try:
+        applied = apply_recipe(pipe, family, Recipe(attention="fa3_fp8"))
+    finally:
+        logger.remove(sink)
+    assert list(applied) == ["attention"]
+    assert _backends(pipe.transformer) == {AttentionBackendName._NATIVE_CUDNN}
+    assert any("attention: fa3_fp8 requested, cudnn used" in line for line in lines)
 
 
 def test_attention_on_a_unet_without_backend_aware_processors_reports_native():
