@@ -25,6 +25,13 @@ FP8 = torch.float8_e4m3fn
 ALIGN = 16
 
 
+def quantize_activation(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes, fp32 scales [M, 1]) of a [M, K] activation, one scale per row (token).
+    Under torch.compile the amax, divide and cast fuse into the producer of `x2`."""
+    sx = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+    return (x2.float() / sx).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), sx
+
+
 def fits_scaled_mm(lin: nn.Linear) -> bool:
     """Whether `torch._scaled_mm` can run this linear (in_features and out_features multiples of 16)."""
     return lin.in_features % ALIGN == 0 and lin.out_features % ALIGN == 0
@@ -73,24 +80,30 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale).to(self.out_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """y = x W^T (+ b unless `bias` is False: app.fused adds it inside its GELU kernel instead)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x.device.type != "cuda":  # reference path (CPU tests): same weights, no FP8 GEMM
             y = x2.to(self.out_dtype) @ self.dequantized_weight().t()
-            y = y if self.bias is None else y + self.bias
-            return y.reshape(*shape[:-1], self.out_features)
-        sx = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
-        xq = (x2.float() / sx).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-        # Measured on H100 (bench/results/gemm_h100.json, FLUX shapes): fast accumulation is 5-15%
-        # faster (torchao's inference default too), and a bias in the GEMM epilogue costs ~10-15%
-        # while the same add fuses for free into the next elementwise kernel under torch.compile.
-        # cuBLAS rather than MSLK 1.1.0's CUTLASS row-wise kernel: MSLK ran from 1% faster to 28% slower
-        # at FLUX's shapes and 2.8% slower per step (H200: bench/results/gemm_h200.json, variants_h200_s3.json).
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.t(),
-                             out_dtype=self.out_dtype, use_fast_accum=True)
-        y = y if self.bias is None else y + self.bias
+            y = y if self.bias is None or not bias else y + self.bias
+        else:
+            y = self.mm(*quantize_activation(x2), bias=bias)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def mm(self, xq: torch.Tensor, sx: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The GEMM on an activation already quantized per row (e4m3 codes [M, K], fp32 scales [M, 1])."""
+        if xq.device.type != "cuda":  # reference path: dequantize, then the same matmul as forward's
+            y = (xq.float() * sx).to(self.out_dtype) @ self.dequantized_weight().t()
+        else:
+            # Measured on H100 (bench/results/gemm_h100.json, FLUX shapes): fast accumulation is 5-15%
+            # faster (torchao's inference default too), and a bias in the GEMM epilogue costs ~10-15%
+            # while the same add fuses for free into the next elementwise kernel under torch.compile.
+            # cuBLAS rather than MSLK 1.1.0's CUTLASS row-wise kernel: MSLK ran from 1% faster to 28% slower
+            # at FLUX's shapes and 2.8% slower per step (H200: bench/results/gemm_h200.json, variants_h200_s3.json).
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.t(),
+                                 out_dtype=self.out_dtype, use_fast_accum=True)
+        return y if self.bias is None or not bias else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -16,6 +16,8 @@ def main(argv=None) -> int:
     lat.add_argument("--attention", default="fa3", choices=["fa3", "fa3_fp8", "cudnn", "native", "flash"])
     lat.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                      help="app.cudagraphs around the denoiser (auto: the family's default, as the worker)")
+    lat.add_argument("--fuse-gelu-quant", choices=["on", "off"], default="on",
+                     help="app.fused's one-pass GELU+FP8 kernel (on: as the worker's FP8 recipe)")
     lat.add_argument("--inductor", action="append", default=[], metavar="NAME=INT",
                      help="an inductor config value for this run, e.g. realize_opcount_threshold=100")
     lat.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (and $OUT when set)")
@@ -26,7 +28,8 @@ def main(argv=None) -> int:
     var.add_argument("names", nargs="*", default=["regional", "regional_inline"])
     var.add_argument("--profile", action="store_true", help="also profile one step of each variant")
     sub.add_parser("gemm", help="FP8 GEMM paths and FA3 bf16/FP8 attention micro-benchmarks")
-    sub.add_parser("quant", help="FP8Linear's fused activation quantizer, stages left out (FLUX shape)")
+    qk = sub.add_parser("quant", help="FP8Linear's fused activation quantizer, stages left out, and app.fused's kernel")
+    qk.add_argument("--fused-only", action="store_true", help="only app.fused's kernel against Inductor's fusion")
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
             builders = {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}
         latency(tuple(args.models.split(",")), args.compile, args.attention, args.out, builders, args.size,
                 args.steps, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                inductor=dict(kv.split("=", 1) for kv in args.inductor))
+                inductor=dict(kv.split("=", 1) for kv in args.inductor), fuse_gelu_quant=args.fuse_gelu_quant == "on")
     elif args.cmd == "variants":
         from bench.variants import run
 
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
     elif args.cmd == "quant":
         from bench.quant_kernel import main as quant
 
-        quant()
+        quant(only_fused=args.fused_only)
     elif args.cmd == "coldstart":
         from bench.coldstart import main as coldstart
 

@@ -118,6 +118,17 @@ def run_model(name: str, recipe: Recipe, build=None, size: int = 1024, steps: in
     return out
 
 
+def _host_cpu() -> str:
+    """The host's CPU model: launch-bound paths (SDXL's UNet without graphs) run at its speed, and the
+    same GPU kind has measured 55 and 84 ms per stock SDXL step on two machines."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} x{len(names)}" if names else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
 def versions() -> dict:
     import diffusers
     import transformers
@@ -127,7 +138,7 @@ def versions() -> dict:
              capability=list(torch.cuda.get_device_capability(0)) if cuda else None,
              torch=torch.__version__, cuda=torch.version.cuda, diffusers=diffusers.__version__,
              transformers=transformers.__version__, python=platform.python_version(),
-             date=time.strftime("%Y-%m-%d"), weights="random (real architecture)")
+             date=time.strftime("%Y-%m-%d"), weights="random (real architecture)", host_cpu=_host_cpu())
     try:
         import triton
 
@@ -139,7 +150,8 @@ def versions() -> dict:
 
 def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str = "fa3",
          out_dir: str = "bench/results", builders: dict | None = None, size: int = 1024, steps: int | None = None,
-         reps: int = 3, cuda_graphs: bool | None = None, inductor: dict | None = None) -> dict:
+         reps: int = 3, cuda_graphs: bool | None = None, inductor: dict | None = None,
+         fuse_gelu_quant: bool = True) -> dict:
     """Run each model (errors are kept per model), writing JSON and PNG to `out_dir` (and $OUT) after each.
 
     `cuda_graphs` None follows each family's default, as the worker does when CUDA_GRAPHS is unset."""
@@ -152,7 +164,8 @@ def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str
         res["inductor"] = inductor
     for name in models:
         graphs = FAMILIES[name].cuda_graphs if cuda_graphs is None else cuda_graphs
-        recipe = Recipe(fuse_qkv=True, quantize="fp8", attention=attention, compile=compile_mode, cuda_graphs=graphs)
+        recipe = Recipe(fuse_qkv=True, quantize="fp8", attention=attention, compile=compile_mode, cuda_graphs=graphs,
+                        fuse_gelu_quant=fuse_gelu_quant)
         try:
             res[name] = run_model(name, recipe, (builders or {}).get(name), size, steps, reps)
         except Exception as e:  # keep the other model's figures

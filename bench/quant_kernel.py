@@ -38,7 +38,38 @@ def cases():
     }
 
 
-def main(thresholds=(None, 100)) -> dict:
+def fused(warps=(4, 8, 16, 32)) -> dict:
+    """app.fused's Triton kernel at both of FLUX's uses (single blocks: attention prefix + MLP, 4608 rows;
+    double blocks' feed-forward: MLP alone, 4096 rows) for each `num_warps`, against Inductor's fusion of
+    the same ops; codes and scales checked against the eager reference."""
+    from triton.testing import do_bench
+
+    from app.fused import _gelu_quant_triton, gelu_quant_reference
+
+    g = torch.Generator("cuda").manual_seed(1)
+    out = {}
+    for name, rows, prefix in (("single", M, ATTN), ("feed_forward", 4096, 0)):
+        h = torch.randn(rows, MLP, device="cuda", dtype=torch.bfloat16, generator=g) * 2
+        bias = torch.randn(MLP, device="cuda", dtype=torch.bfloat16, generator=g)
+        a = torch.randn(rows, prefix, device="cuda", dtype=torch.bfloat16, generator=g) if prefix else None
+        ref_q, ref_s = gelu_quant_reference(a, h, bias)
+        compiled = torch.compile(lambda: gelu_quant_reference(a, h, bias), fullgraph=True)
+        compiled()
+        row = out[name] = {"inductor_us": round(do_bench(compiled, warmup=25, rep=100, return_mode="median") * 1000, 1)}
+        for w in warps:
+            q, sc = _gelu_quant_triton(a, h, bias, num_warps=w)
+            row[f"warps_{w}_us"] = round(do_bench(lambda: _gelu_quant_triton(a, h, bias, num_warps=w), warmup=25,
+                                                 rep=100, return_mode="median") * 1000, 1)
+        deq = lambda q, sc: q.float() * sc  # noqa: E731
+        row["codes_differ_frac"] = round((q.view(torch.uint8) != ref_q.view(torch.uint8)).float().mean().item(), 6)
+        row["scales_max_rel_diff"] = round(((sc - ref_s).abs() / ref_s).max().item(), 8)
+        row["dequant_rel_err_vs_eager"] = round(((deq(q, sc) - deq(ref_q, ref_s)).norm() / deq(ref_q, ref_s).norm()).item(), 6)
+        row["best_warps"] = min(warps, key=lambda w: row[f"warps_{w}_us"])
+        print(json.dumps({name: row}), flush=True)
+    return out
+
+
+def main(thresholds=(None, 100), only_fused: bool = False) -> dict:
     import torch._inductor.config as ic
     from triton.testing import do_bench
 
@@ -47,7 +78,7 @@ def main(thresholds=(None, 100)) -> dict:
     res = {"versions": versions(), "shape": [M, ATTN + MLP], "us": {}}
     saved = ic.realize_opcount_threshold
     try:
-        for th in thresholds:
+        for th in () if only_fused else thresholds:
             ic.realize_opcount_threshold = saved if th is None else th
             row = res["us"][f"realize_opcount_threshold={th if th is not None else 'default'}"] = {}
             for name, fn in cases().items():
@@ -61,6 +92,8 @@ def main(thresholds=(None, 100)) -> dict:
             print(json.dumps(row), flush=True)
     finally:
         ic.realize_opcount_threshold = saved
+    torch._dynamo.reset()
+    res["fused_kernel"] = fused()
     out = os.environ.get("OUT", "bench/results")
     with open(os.path.join(out, "quant_kernel.json"), "w") as f:
         json.dump(res, f, indent=1)

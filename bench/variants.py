@@ -34,6 +34,9 @@ VARIANTS = {
     # went to memory in fp32 (bench/results/quant_kernel_h200.json). A higher threshold recomputes it.
     "regional_inline": (Recipe(True, "fp8", "fa3", False, "regional"), {"realize_opcount_threshold": 100}),
     "regional_inline_fa3fp8": (Recipe(True, "fp8", "fa3_fp8", False, "regional"), {"realize_opcount_threshold": 100}),
+    # app.fused: one Triton kernel from the MLP GEMM's output to the next FP8 GEMM's input.
+    "regional_fused": (Recipe(True, "fp8", "fa3", False, "regional", fuse_gelu_quant=True), {}),
+    "regional_fused_fa3fp8": (Recipe(True, "fp8", "fa3_fp8", False, "regional", fuse_gelu_quant=True), {}),
     "regional_mk_fa3fp8": (Recipe(True, "fp8", "fa3_fp8", False, "regional"), {"triton.multi_kernel": 1}),
 }
 
@@ -75,6 +78,10 @@ def run(names, profile: bool = False) -> dict:
             res[name] = dict(first_call_s=first, compile_and_warm_s=round(time.perf_counter() - t0, 1),
                              per_step_ms=round(timing.med(ts), 1), flags=flags, recipe=recipe.to_dict(),
                              rel_err_vs_bf16=round(((got - ref).norm() / ref.norm()).item(), 5))
+            if recipe.fuse_gelu_quant:
+                import app.fused
+
+                res[name]["fused_warps"] = app.fused.NUM_WARPS
             if profile:
                 from bench.profile import profile_step
 

@@ -58,7 +58,8 @@ def test_stock_and_ours_figures(latency_run, name):
         assert r[side]["peak_GiB"] is None  # no CUDA here: no memory figures, not zeros
     graphs = name == "sdxl"  # the family's default, as the worker applies it when CUDA_GRAPHS is unset
     assert r["recipe"] == {"fuse_qkv": True, "quantize": "fp8", "attention": "native",
-                           "vae_channels_last": False, "compile": "off", "cuda_graphs": graphs}
+                           "vae_channels_last": False, "compile": "off", "cuda_graphs": graphs,
+                           "fuse_gelu_quant": True}
     assert list(r["ours"]["apply_ms"]) == ["fuse_qkv", "quantize"] + ["cuda_graphs"] * graphs
     # On a CPU the graphed denoiser passes calls straight through: replay and plain runs must agree.
     assert r["ours"].get("graph_vs_plain_rel_err") == (0.0 if graphs else None)

@@ -69,22 +69,22 @@ def plan_for(capability, name="gpu"):
     # No GPU: the tiny reference path runs as built, whatever the settings ask for.
     (None, Settings(compile="full", attention="fa3"), Recipe()),
     # H100: FP8 + FA3, compile from COMPILE (regional by default).
-    ((9, 0), Settings(), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional")),
-    ((9, 0), Settings(compile="full"), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="full")),
-    ((9, 0), Settings(compile="off"), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="off")),
+    ((9, 0), Settings(), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional", fuse_gelu_quant=True)),
+    ((9, 0), Settings(compile="full"), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="full", fuse_gelu_quant=True)),
+    ((9, 0), Settings(compile="off"), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="off", fuse_gelu_quant=True)),
     # L4 / RTX 4090 (Ada): FP8, but FA3 is Hopper-only: cuDNN attention.
-    ((8, 9), Settings(), Recipe(fuse_qkv=True, quantize="fp8", attention="cudnn", compile="regional")),
+    ((8, 9), Settings(), Recipe(fuse_qkv=True, quantize="fp8", attention="cudnn", compile="regional", fuse_gelu_quant=True)),
     # A100 / A10: INT8 (no FP8 tensor cores), cuDNN attention.
     ((8, 0), Settings(), Recipe(fuse_qkv=True, quantize="int8", attention="cudnn", compile="regional")),
     ((8, 6), Settings(), Recipe(fuse_qkv=True, quantize="int8", attention="cudnn", compile="regional")),
     # T4 (Turing): bf16, no quantization; cuDNN's SDPA needs sm_80, so PyTorch's default SDPA.
     ((7, 5), Settings(), Recipe(fuse_qkv=True, quantize="none", attention="native", compile="regional")),
     # ATTENTION set explicitly is honoured as given, on any card.
-    ((9, 0), Settings(attention="flash"), Recipe(fuse_qkv=True, quantize="fp8", attention="flash", compile="regional")),
-    ((9, 0), Settings(attention="native"), Recipe(fuse_qkv=True, quantize="fp8", attention="native", compile="regional")),
-    ((8, 9), Settings(attention="fa3"), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional")),
+    ((9, 0), Settings(attention="flash"), Recipe(fuse_qkv=True, quantize="fp8", attention="flash", compile="regional", fuse_gelu_quant=True)),
+    ((9, 0), Settings(attention="native"), Recipe(fuse_qkv=True, quantize="fp8", attention="native", compile="regional", fuse_gelu_quant=True)),
+    ((8, 9), Settings(attention="fa3"), Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional", fuse_gelu_quant=True)),
     ((9, 0), Settings(cuda_graphs=True),
-     Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional", cuda_graphs=True)),
+     Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional", cuda_graphs=True, fuse_gelu_quant=True)),
     (None, Settings(cuda_graphs=True), Recipe()),  # never on the CPU
 ])
 def test_choose_recipe_per_plan(capability, settings, expected):
@@ -233,7 +233,7 @@ def test_steps_run_in_the_documented_order():
     assert [s[0] for s in STEPS] == ["fuse_qkv", "quantize", "attention", "channels_last", "compile", "cuda_graphs"]
     pipe, family = tiny("flux")
     full = Recipe(fuse_qkv=True, quantize="fp8", attention="cudnn", vae_channels_last=True, compile="regional",
-                  cuda_graphs=True)
+                  cuda_graphs=True, fuse_gelu_quant=True)
     applied = apply_recipe(pipe, family, full)  # compile only wraps the blocks; nothing runs here
     assert list(applied) == [s[0] for s in STEPS]
     block = pipe.transformer.transformer_blocks[0]
