@@ -9,7 +9,8 @@ holds one whole row in registers: the GEMM output is read once and the codes wri
 
 `fuse_gelu_quant(denoiser)` rebinds the forward of FLUX's single blocks and GELU feed-forwards whose
 linears are FP8Linear; the new forwards compute what diffusers 0.42.1's do, with the fused op in the
-middle. On a CPU the op runs its torch reference (`gelu_quant_reference`), so the same forwards are
+middle. With any other diffusers it fuses nothing and says so: a changed upstream forward must not be
+replaced by a copy of the old one. On a CPU the op runs its torch reference (`gelu_quant_reference`), so the same forwards are
 tested there; on CUDA the Triton kernel, checked against the reference on the GPU by the bench.
 """
 
@@ -19,8 +20,11 @@ import types
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 
-from app.fp8 import E4M3_MAX, FP8, FP8Linear
+from app.fp8 import FP8, FP8Linear, quantize_activation
+
+MIRRORS_DIFFUSERS = "0.42.1"  # the diffusers whose forwards _single_block_forward and _feed_forward copy
 
 NUM_WARPS = 32  # one row per program; H200: 109 us at 32 warps, 110 at 8, 157 at 4 (bench quant)
 
@@ -29,9 +33,7 @@ def gelu_quant_reference(prefix: torch.Tensor | None, h: torch.Tensor, bias: tor
     """(e4m3 codes [M, A+H], fp32 scales [M, 1]) of cat(prefix, gelu_tanh(h + bias)), one scale per row:
     the ops diffusers runs, then FP8Linear's quantizer (app.fp8.quantize_activation)."""
     x = F.gelu(h + bias, approximate="tanh")
-    x = x if prefix is None else torch.cat([prefix, x], dim=-1)
-    sx = (x.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
-    return (x.float() / sx).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), sx
+    return quantize_activation(x if prefix is None else torch.cat([prefix, x], dim=-1))
 
 
 try:  # CUDA images carry Triton (torch's CUDA wheels depend on it); the CPU test image does not
@@ -79,7 +81,8 @@ def _gelu_quant_triton(prefix, h, bias, num_warps: int | None = None):
     q = torch.empty((m, a + width), device=h.device, dtype=FP8)
     s = torch.empty((m, 1), device=h.device, dtype=torch.float32)
     _gelu_quant_kernel[(m,)](prefix, h, bias, q, s, a, width, BLOCK_A=triton.next_power_of_2(max(a, 1)),
-                 BLOCK_H=triton.next_power_of_2(width), HAS_A=a > 0, num_warps=num_warps or NUM_WARPS)
+                             BLOCK_H=triton.next_power_of_2(width), HAS_A=a > 0,
+                             num_warps=num_warps or NUM_WARPS)
     return q, s
 
 
@@ -149,6 +152,12 @@ def _ff_out(ff) -> int | None:
 def fuse_gelu_quant(denoiser) -> int:
     """Rebind the forwards of the blocks this applies to (see the module docstring); return how many.
     Idempotent; a module whose parts are not FP8Linear (bf16, INT8, another activation) keeps its forward."""
+    import diffusers
+
+    if diffusers.__version__ != MIRRORS_DIFFUSERS:
+        logger.warning("GELU + FP8 fusion off: its forwards copy diffusers {}, this is {}", MIRRORS_DIFFUSERS,
+                       diffusers.__version__)
+        return 0
     done = 0
     for m in denoiser.modules():
         if getattr(m, "_fused_gelu_quant", False):

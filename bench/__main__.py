@@ -25,10 +25,10 @@ def main(argv=None) -> int:
     lat.add_argument("--size", type=int, default=1024)
     lat.add_argument("--steps", type=int, default=None, help="default: 28 (FLUX), 30 (SDXL)")
     var = sub.add_parser("variants", help="per-step time of recipe variants (FLUX shape)")
-    var.add_argument("names", nargs="*", default=["regional", "regional_inline"])
+    var.add_argument("names", nargs="*", default=["regional", "regional_fused"])
     var.add_argument("--profile", action="store_true", help="also profile one step of each variant")
     sub.add_parser("gemm", help="FP8 GEMM paths and FA3 bf16/FP8 attention micro-benchmarks")
-    qk = sub.add_parser("quant", help="FP8Linear's fused activation quantizer, stages left out, and app.fused's kernel")
+    qk = sub.add_parser("quant", help="the FP8 activation quantizer as Inductor fuses it, and app.fused's kernel")
     qk.add_argument("--fused-only", action="store_true", help="only app.fused's kernel against Inductor's fusion")
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
             builders = {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}
         latency(tuple(args.models.split(",")), args.compile, args.attention, args.out, builders, args.size,
                 args.steps, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                inductor=dict(kv.split("=", 1) for kv in args.inductor), fuse_gelu_quant=args.fuse_gelu_quant == "on")
+                inductor=dict(kv.split("=", 1) for kv in args.inductor),
+                fuse_gelu_quant=args.fuse_gelu_quant == "on")
     elif args.cmd == "variants":
         from bench.variants import run
 

@@ -72,6 +72,23 @@ def test_the_flux_blocks_with_fp8_linears_are_rebound_once():
     assert {type(m).__name__ for m in fused} == {"FluxSingleTransformerBlock", "FeedForward"}
 
 
+def test_another_diffusers_version_fuses_nothing_and_says_so(monkeypatch):
+    """The rebound forwards copy diffusers 0.42.1's; under another release they must not replace its own."""
+    import diffusers
+    from loguru import logger
+
+    d = _flux_fp8()
+    monkeypatch.setattr(diffusers, "__version__", "0.43.0")  # a third-party attribute, not our code
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
+    try:
+        assert fuse_gelu_quant(d) == 0
+    finally:
+        logger.remove(sink)
+    assert not any(getattr(m, "_fused_gelu_quant", False) for m in d.modules())
+    assert any("copy diffusers 0.42.1, this is 0.43.0" in line for line in lines)
+
+
 def test_nothing_is_rebound_without_fp8_linears_or_tanh_gelu():
     torch.manual_seed(0)
     bf16 = build_tiny_flux().transformer  # not quantized: plain nn.Linear
