@@ -14,20 +14,18 @@ Opt-in because random weights cannot show what real activations' outliers do to 
 
 from __future__ import annotations
 
-import torch
 from loguru import logger
+
+from app.fp8 import quantize_e4m3
 
 BACKENDS = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3",
             "fa3_fp8": "_flash_3"}
-E4M3_MAX = 448.0
 
 
-def quantize_heads(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_heads(t):
     """(e4m3 codes, fp32 descale [batch, heads]) of a [batch, seq, heads, dim] tensor, one scale per head."""
-    amax = t.abs().amax(dim=(1, 3)).float()
-    scale = (amax / E4M3_MAX).clamp(min=1e-12)
-    codes = (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes, scale
+    codes, scale = quantize_e4m3(t, (1, 3))
+    return codes, scale.flatten(1)
 
 
 def fp8_inputs(query, key, value):
@@ -35,6 +33,16 @@ def fp8_inputs(query, key, value):
     key = key - key.mean(dim=1, keepdim=True)
     (q, qd), (k, kd), (v, vd) = (quantize_heads(t) for t in (query, key, value))
     return (q, k, v), (qd, kd, vd)
+
+
+def run_fa3(flash_attn_func, query, key, value, scale=None, is_causal=False, fp8=False):
+    """FA3 on [batch, seq, heads, dim] bf16 inputs, or on their e4m3 form (`fp8_inputs`) when `fp8`."""
+    if fp8 and not is_causal:  # centring K is exact only without a mask or causality
+        (q, k, v), (qd, kd, vd) = fp8_inputs(query, key, value)
+        out = flash_attn_func(q, k, v, softmax_scale=scale, q_descale=qd, k_descale=kd, v_descale=vd)
+    else:
+        out = flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _install_fa3(fp8: bool = False) -> bool:
@@ -50,12 +58,7 @@ def _install_fa3(fp8: bool = False) -> bool:
     def fa3(query, key, value, attn_mask=None, scale=None, is_causal=False, return_lse=False, _parallel_config=None):
         if attn_mask is not None:
             raise ValueError("fa3 attention takes no mask")
-        if fp8 and not is_causal:  # centring K is exact only without a mask or causality
-            (q, k, v), (qd, kd, vd) = fp8_inputs(query, key, value)
-            out = flash_attn_func(q, k, v, softmax_scale=scale, q_descale=qd, k_descale=kd, v_descale=vd)
-        else:
-            out = flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
-        out = out[0] if isinstance(out, tuple) else out
+        out = run_fa3(flash_attn_func, query, key, value, scale, is_causal, fp8)
         return (out, None) if return_lse else out
 
     # diffusers looks FA3 up under the official `flash_attn_interface` name; point its registry

@@ -25,11 +25,13 @@ FP8 = torch.float8_e4m3fn
 ALIGN = 16
 
 
-def quantize_activation(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 codes, fp32 scales [M, 1]) of a [M, K] activation, one scale per row (token).
-    Under torch.compile the amax, divide and cast fuse into the producer of `x2`."""
-    sx = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
-    return (x2.float() / sx).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), sx
+def quantize_e4m3(t: torch.Tensor, dim) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes, fp32 scales) of `t` with one scale per slice reduced over `dim` (kept, size 1):
+    scale = amax / 448, codes = round_e4m3(t / scale). The amax is exact in any float dtype, so the
+    same input gives the same bytes on a CPU and a GPU. Under torch.compile the amax, divide and cast
+    fuse into the producer of `t`."""
+    scale = (t.abs().amax(dim=dim, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
 
 
 def fits_scaled_mm(lin: nn.Linear) -> bool:
@@ -38,10 +40,9 @@ def fits_scaled_mm(lin: nn.Linear) -> bool:
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight [N, K], fp32 scale [N, 1]) with one scale per output row."""
-    w32 = w.float()
-    scale = (w32.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
-    return (w32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
+    """(e4m3 codes [N, K], fp32 scales [N, 1]), one scale per row: a weight's output rows (the bake)
+    or an activation's tokens (FP8Linear at run time)."""
+    return quantize_e4m3(w, 1)
 
 
 class FP8Linear(nn.Module):
@@ -88,7 +89,7 @@ class FP8Linear(nn.Module):
             y = x2.to(self.out_dtype) @ self.dequantized_weight().t()
             y = y if self.bias is None or not bias else y + self.bias
         else:
-            y = self.mm(*quantize_activation(x2), bias=bias)
+            y = self.mm(*quantize_rows(x2), bias=bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def mm(self, xq: torch.Tensor, sx: torch.Tensor, bias: bool = True) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-from app.fp8 import FP8, FP8Linear, quantize_activation
+from app.fp8 import FP8, FP8Linear, quantize_rows
 
 MIRRORS_DIFFUSERS = "0.42.1"  # the diffusers whose forwards _single_block_forward and _feed_forward copy
 
@@ -31,9 +31,9 @@ NUM_WARPS = 32  # one row per program; H200: 109 us at 32 warps, 110 at 8, 157 a
 
 def gelu_quant_reference(prefix: torch.Tensor | None, h: torch.Tensor, bias: torch.Tensor):
     """(e4m3 codes [M, A+H], fp32 scales [M, 1]) of cat(prefix, gelu_tanh(h + bias)), one scale per row:
-    the ops diffusers runs, then FP8Linear's quantizer (app.fp8.quantize_activation)."""
+    the ops diffusers runs, then FP8Linear's quantizer (app.fp8.quantize_rows)."""
     x = F.gelu(h + bias, approximate="tanh")
-    return quantize_activation(x if prefix is None else torch.cat([prefix, x], dim=-1))
+    return quantize_rows(x if prefix is None else torch.cat([prefix, x], dim=-1))
 
 
 try:  # CUDA images carry Triton (torch's CUDA wheels depend on it); the CPU test image does not

@@ -15,8 +15,12 @@ import time
 
 import torch
 
+from dataclasses import replace
+
+from app.config import Settings
 from app.families import FAMILIES
-from app.optimize import Recipe, apply_recipe
+from app.optimize import Recipe, apply_recipe, choose_recipe
+from app.plan import Plan
 from bench import timing
 
 # Relative L2 error of the optimized denoiser's output vs stock bf16 eager, same inputs, that the
@@ -148,6 +152,14 @@ def versions() -> dict:
     return v
 
 
+def _recipe(name: str, compile_mode: str, attention: str, cuda_graphs: bool | None, fuse_gelu_quant: bool) -> Recipe:
+    """The worker's own FP8 recipe (`choose_recipe` for an FP8 Hopper plan) with this run's settings, also
+    when the plumbing runs on a CPU (where the worker would quantize nothing)."""
+    plan = Plan("cuda", "fp8", (9, 0), "bench")
+    settings = Settings(attention=attention, compile=compile_mode, cuda_graphs=cuda_graphs)
+    return replace(choose_recipe(plan, settings, FAMILIES[name]), fuse_gelu_quant=fuse_gelu_quant)
+
+
 def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str = "fa3",
          out_dir: str = "bench/results", builders: dict | None = None, size: int = 1024, steps: int | None = None,
          reps: int = 3, cuda_graphs: bool | None = None, inductor: dict | None = None,
@@ -163,9 +175,7 @@ def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str
             setattr(ic, k, int(v))
         res["inductor"] = inductor
     for name in models:
-        graphs = FAMILIES[name].cuda_graphs if cuda_graphs is None else cuda_graphs
-        recipe = Recipe(fuse_qkv=True, quantize="fp8", attention=attention, compile=compile_mode, cuda_graphs=graphs,
-                        fuse_gelu_quant=fuse_gelu_quant)
+        recipe = _recipe(name, compile_mode, attention, cuda_graphs, fuse_gelu_quant)
         try:
             res[name] = run_model(name, recipe, (builders or {}).get(name), size, steps, reps)
         except Exception as e:  # keep the other model's figures

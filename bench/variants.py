@@ -33,12 +33,9 @@ VARIANTS = {
     # loops of a reduction read: the single blocks' gelu+bias+concat before FP8Linear's row quantizer
     # is stored and read back (bench/results/quant_kernel_h200.json). A higher threshold recomputes it.
     "regional_inline": (Recipe(True, "fp8", "fa3", False, "regional"), {"realize_opcount_threshold": 100}),
-    "regional_inline_fa3fp8": (Recipe(True, "fp8", "fa3_fp8", False, "regional"), {"realize_opcount_threshold": 100}),
     # app.fused: one Triton kernel from the MLP GEMM's output to the next FP8 GEMM's input. This is the
     # worker's FP8 recipe (choose_recipe); the variants above are without it, as they were measured.
     "regional_fused": (Recipe(True, "fp8", "fa3", False, "regional", fuse_gelu_quant=True), {}),
-    "regional_fused_fa3fp8": (Recipe(True, "fp8", "fa3_fp8", False, "regional", fuse_gelu_quant=True), {}),
-    "regional_mk_fa3fp8": (Recipe(True, "fp8", "fa3_fp8", False, "regional"), {"triton.multi_kernel": 1}),
 }
 
 

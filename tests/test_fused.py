@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from app.families import FLUX, SDXL
-from app.fp8 import FP8Linear, quantize_activation
+from app.fp8 import FP8Linear, quantize_rows
 from app.fused import fuse_gelu_quant, gelu_quant, gelu_quant_reference
 from app.optimize import quantize_denoiser
 from app.tiny import build_tiny_flux, build_tiny_sdxl
@@ -55,7 +55,7 @@ def test_reference_is_fp8linears_quantizer_on_diffusers_ops():
     for prefix in (a, None):
         x = F.gelu(h + bias, approximate="tanh")
         x = x if prefix is None else torch.cat([prefix, x], dim=-1)
-        want_q, want_s = quantize_activation(x)
+        want_q, want_s = quantize_rows(x)
         got_q, got_s = gelu_quant(prefix, h, bias)  # the registered op, CPU branch
         assert got_q.dtype == torch.float8_e4m3fn and got_q.shape == x.shape and got_s.shape == (6, 1)
         assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got_s, want_s)
