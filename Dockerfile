@@ -73,14 +73,16 @@ RUN python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash \
         "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null \
     || echo "compileall: some non-Python files in site-packages were skipped"
 
-# Weights. The bake needs the weights/ package and the parts of app/ it imports (family registry,
-# plan, model resolution, the quantize step and FP8Linear); only those are copied here, so a change to the service, schema, storage, handler or
-# preflight does not re-bake 17+ GB. If weights/ starts importing another app/ module, add it to this
-# COPY: tests/test_container.py bakes the tiny model from exactly these files and fails until then.
+# Weights. `python -m weights bake` needs the weights/ package and the parts of app/ that resolve and
+# read the model (family modules, job contract, model source, loading); only those are copied here,
+# so a change to the service, storage, handler or preflight does not re-bake
+# 17+ GB. If the bake starts importing another module, add it to this COPY: tests/test_container.py
+# bakes the tiny model from exactly these files and fails until then.
 WORKDIR /app
 COPY weights/ /app/weights/
-COPY app/__init__.py app/errors.py app/families.py app/tiny.py app/plan.py app/pipeline.py app/schema.py \
-     app/storage.py app/fp8.py app/optimize.py /app/app/
+COPY app/__init__.py app/errors.py app/tiny.py app/schema.py app/limits.py app/source.py app/loading.py \
+     /app/app/
+COPY app/families/ /app/app/families/
 
 # BAKE=1: `python -m weights bake` into /weights (what to bake: MODEL, REVISION, PRECISION).
 # BAKE=0: an image without weights; /weights stays empty and is where a volume is mounted, or set

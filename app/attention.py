@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from loguru import logger
 
-from app.fp8 import quantize_e4m3
+from app import upstream
+from weights.fp8 import quantize_e4m3
+
+# What _install_fa3 writes into (diffusers' private registry, and the backend function it replaces),
+# fingerprinted as of diffusers 0.42.1: a changed registry gets cudnn, not a blind write.
+WRITES_INTO = {
+    "diffusers.models.attention_dispatch._AttentionBackendRegistry": "429e35052e1be969",
+    "diffusers.models.attention_dispatch._flash_attention_3": "a11c16979edfe843",
+}
 
 BACKENDS = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "fa3": "_flash_3",
             "fa3_fp8": "_flash_3"}
@@ -52,6 +60,11 @@ def _install_fa3(fp8: bool = False) -> bool:
         from fa3_fwd_interface import flash_attn_func
     except Exception as e:  # missing wheel, or built against another torch ABI
         logger.warning("fa3 attention unavailable ({}: {}); using cudnn", type(e).__name__, str(e)[:120])
+        return False
+    stale = upstream.changed(WRITES_INTO)
+    if stale:
+        logger.warning("fa3 attention not installed: the diffusers code it writes into changed: {}; using cudnn",
+                       ", ".join(stale))
         return False
     import diffusers.models.attention_dispatch as ad
 

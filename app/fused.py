@@ -2,16 +2,16 @@
 blocks' concatenation with the attention output) + per-row e4m3 quantization, in one Triton kernel.
 
 Why: under torch.compile these ops fuse with FP8Linear's row quantizer into one Inductor reduction that
-stores the row and reads it back between its amax loop and its cast loop. On the H200 that kernel took
-7.7 ms of a 95.6 ms FLUX step (single blocks) plus 3.5 ms (the double blocks' feed-forwards), about 2.5x
-what its bytes need (`python -m bench quant`, bench/results/quant_kernel_h200.json). Here each program
-holds one whole row in registers: the GEMM output is read once and the codes written once.
+stores the row and reads it back between its amax loop and its cast loop: about 2.5x what its bytes
+need (bench/results/quant_kernel_h200.json). Here each program holds one whole row in registers: the
+GEMM output is read once and the codes written once.
 
 `fuse_gelu_quant(denoiser)` rebinds the forward of FLUX's single blocks and GELU feed-forwards whose
-linears are FP8Linear; the new forwards compute what diffusers 0.42.1's do, with the fused op in the
-middle. With any other diffusers it fuses nothing and says so: a changed upstream forward must not be
-replaced by a copy of the old one. On a CPU the op runs its torch reference (`gelu_quant_reference`), so the same forwards are
-tested there; on CUDA the Triton kernel, checked against the reference on the GPU by the bench.
+linears are FP8Linear; the new forwards compute what the diffusers forwards in `COPIED` do, with the
+fused op in the middle. When an upstream source no longer matches its fingerprint (app.upstream) it
+fuses nothing and says so. On a CPU the op runs its torch reference (`gelu_quant_reference`), so the
+same forwards are tested there; on CUDA the Triton kernel, checked against the reference by
+tests/test_fused_gpu.py (`pytest -m gpu`) and `python -m bench quant`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,21 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-from app.fp8 import FP8, FP8Linear, quantize_rows
+from app import upstream
+from weights.fp8 import E4M3, FP8Linear, quantize_rows
 
-MIRRORS_DIFFUSERS = "0.42.1"  # the diffusers whose forwards _single_block_forward and _feed_forward copy
+# The diffusers sources _single_block_forward and _feed_forward copy (diffusers 0.42.1), fingerprinted.
+COPIED = {
+    "diffusers.models.transformers.transformer_flux.FluxSingleTransformerBlock.forward": "57350a6dab842b40",
+    "diffusers.models.attention.FeedForward.forward": "dae2c9f53987c25a",
+}
 
 NUM_WARPS = 32  # one row per program; H200: 109 us at 32 warps, 110 at 8, 157 at 4 (bench quant)
 
 
 def gelu_quant_reference(prefix: torch.Tensor | None, h: torch.Tensor, bias: torch.Tensor):
     """(e4m3 codes [M, A+H], fp32 scales [M, 1]) of cat(prefix, gelu_tanh(h + bias)), one scale per row:
-    the ops diffusers runs, then FP8Linear's quantizer (app.fp8.quantize_rows)."""
+    the ops diffusers runs, then FP8Linear's quantizer (weights.fp8.quantize_rows)."""
     x = F.gelu(h + bias, approximate="tanh")
     return quantize_rows(x if prefix is None else torch.cat([prefix, x], dim=-1))
 
@@ -72,13 +77,13 @@ if triton is not None:
         tl.store(out + oh, tl.clamp(g / s, -448.0, 448.0).to(tl.float8e4nv), mask=mh)
 
 
-def _gelu_quant_triton(prefix, h, bias, num_warps: int | None = None):
+def gelu_quant_triton(prefix, h, bias, num_warps: int | None = None):
     """Launch the kernel: one program per row (on CUDA; also under TRITON_INTERPRET=1 on a CPU)."""
     h, bias = h.contiguous(), bias.contiguous()
     m, width = h.shape
     a = 0 if prefix is None else prefix.shape[1]
     prefix = h if prefix is None else prefix.contiguous()  # unused when there is none (HAS_A False)
-    q = torch.empty((m, a + width), device=h.device, dtype=FP8)
+    q = torch.empty((m, a + width), device=h.device, dtype=E4M3)
     s = torch.empty((m, 1), device=h.device, dtype=torch.float32)
     _gelu_quant_kernel[(m,)](prefix, h, bias, q, s, a, width, BLOCK_A=triton.next_power_of_2(max(a, 1)),
                              BLOCK_H=triton.next_power_of_2(width), HAS_A=a > 0,
@@ -90,19 +95,19 @@ def _gelu_quant_triton(prefix, h, bias, num_warps: int | None = None):
 def gelu_quant(prefix: torch.Tensor | None, h: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cat(prefix, gelu_tanh(h + bias)) quantized per row to e4m3: (codes, fp32 scales [M, 1])."""
     if h.is_cuda:
-        return _gelu_quant_triton(prefix, h, bias)
+        return gelu_quant_triton(prefix, h, bias)
     return gelu_quant_reference(prefix, h, bias)
 
 
 @gelu_quant.register_fake
 def _(prefix, h, bias):
     width = h.shape[1] + (0 if prefix is None else prefix.shape[1])
-    return h.new_empty((h.shape[0], width), dtype=FP8), h.new_empty((h.shape[0], 1), dtype=torch.float32)
+    return h.new_empty((h.shape[0], width), dtype=E4M3), h.new_empty((h.shape[0], 1), dtype=torch.float32)
 
 
 def _single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                           joint_attention_kwargs=None):
-    """FluxSingleTransformerBlock.forward (diffusers 0.42.1) with bias+GELU+concat+quantize fused."""
+    """FluxSingleTransformerBlock.forward (COPIED) with bias+GELU+concat+quantize fused."""
     text_seq_len = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
@@ -152,11 +157,9 @@ def _ff_out(ff) -> int | None:
 def fuse_gelu_quant(denoiser) -> int:
     """Rebind the forwards of the blocks this applies to (see the module docstring); return how many.
     Idempotent; a module whose parts are not FP8Linear (bf16, INT8, another activation) keeps its forward."""
-    import diffusers
-
-    if diffusers.__version__ != MIRRORS_DIFFUSERS:
-        logger.warning("GELU + FP8 fusion off: its forwards copy diffusers {}, this is {}", MIRRORS_DIFFUSERS,
-                       diffusers.__version__)
+    stale = upstream.changed(COPIED)
+    if stale:
+        logger.warning("GELU + FP8 fusion off: the diffusers code it copies changed: {}", ", ".join(stale))
         return 0
     done = 0
     for m in denoiser.modules():

@@ -17,11 +17,14 @@ from app.config import Settings
 from app.cost import job_cost
 from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerBroken, WorkerError
 from app.limits import MAX_OUTPUT_BYTES
+from app.loading import load_pipeline
 from app.logs import redact
-from app.pipeline import encode_image, generate, load_pipeline
-from app.plan import Plan, detect_plan
+from app.outputs import encode_image
 from app.schema import CONTENT_TYPES, Job, JobResult, parse_job
+from app.checks import run_preflight
+from app.source import ModelSource, resolve
 from app.storage import OutputStore, object_key, open_store, store_prefix
+from preflight import Plan
 
 Progress = Callable[[int, int], None]
 
@@ -37,41 +40,45 @@ def timed(timings: dict, name: str):
 
 
 class Service:
-    def __init__(self, pipe, family, settings: Settings, plan: Plan, store: OutputStore, cold_start: dict):
-        self.pipe, self.family, self.settings, self.plan, self.store = pipe, family, settings, plan, store
-        self.source = getattr(pipe, "source_model", None) or settings.model  # a baked tiny-flux is tiny too
-        self.defaults = family.tiny_defaults if self.source.startswith("tiny-") else family.variant_defaults(pipe)
+    def __init__(self, pipe, source: ModelSource, settings: Settings, plan: Plan, store: OutputStore,
+                 cold_start: dict):
+        self.pipe, self.source, self.settings, self.plan, self.store = pipe, source, settings, plan, store
+        # the variant the loaded weights are (FLUX.1-schnell's defaults come from its transformer's config)
+        self.family = source.family if source.tiny else source.family.variant(getattr(pipe, source.family.denoiser).config)
         self.cold_start = cold_start  # reported with the first result, then dropped
         self.broken = False
 
     @classmethod
     def load(cls, settings: Settings, store: OutputStore | None = None) -> "Service":
-        """Preflight, open the store, load the pipeline, optimize and warm it; time each phase."""
+        """Resolve the model, preflight, open the store, load, optimize and warm the pipeline; time each phase."""
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
+        with timed(phases, "source_ms"):
+            source = resolve(settings.model, settings.revision, settings.hf_offline, settings.weights_uri)
         with timed(phases, "preflight_ms"):
-            plan = _preflight(settings)
+            plan = run_preflight(settings, source)
         with timed(phases, "store_ms"):
             store = store or open_store(settings.output_uri, settings.presign_ttl_s)
         with timed(phases, "weights_ms"):
-            pipe, family = load_pipeline(settings.model, plan, settings.revision, settings.hf_offline,
-                                         settings.weights_uri, settings.cache_dir)
+            pipe = load_pipeline(source, plan, settings.cache_dir)
         from app import compile_cache
         from app.optimize import apply_recipe, choose_recipe, warmup
 
+        service = cls(pipe, source, settings, plan, store, phases)
+        family = service.family
+        warm_jobs = _warmup_jobs(family, settings.shapes)  # SHAPES refused before the recipe's minutes
         recipe = choose_recipe(plan, settings, family)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
-        service = cls(pipe, family, settings, plan, store, phases)
-        shapes = settings.shapes or _buckets(settings, family, service)
+        shapes = [(j.width, j.height) for j in warm_jobs]
         compiled = recipe.compile != "off"
-        model_id = settings.weights_uri or settings.model  # what was loaded, for the compiled-artifact key
-        key = compile_cache.cache_key(plan.gpu_name, plan.capability, model_id, recipe.to_dict(), shapes)
+        key = compile_cache.cache_key(plan.gpu_name, plan.capability, source.cache_identity(), recipe.to_dict(),
+                                      shapes)
         with timed(phases, "compile_cache_ms"):
             restored = compiled and compile_cache.restore(settings.compile_cache_uri, key)
         if settings.warmup:
             with timed(phases, "warmup_ms"):
-                warmup(pipe, family, service.defaults, shapes)
+                warmup(pipe, family, warm_jobs)
             if compiled and not restored:
                 compile_cache.save(settings.compile_cache_uri, key)
         phases["load_total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -97,7 +104,7 @@ class Service:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         with timed(timings, "validate_ms"):
-            job = parse_job(raw, self.family, self.defaults)
+            job = parse_job(raw, self.family)
         logger.info("job: {}x{}, {} steps, {} image(s)", job.width, job.height, job.num_inference_steps, job.num_images)
         logger.debug("prompt: {!r}", job.prompt)
         with timed(timings, "inference_ms"):
@@ -108,7 +115,7 @@ class Service:
             outputs = self._upload(job, job_id, images, blobs)
         timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         cost = job_cost(self.plan.gpu_name, timings["total_ms"] / 1000, self.settings.gpu_price_per_hour)
-        result = JobResult(images=outputs, model=self.settings.model, timings=timings, cost=cost,
+        result = JobResult(images=outputs, model=self.source.id, timings=timings, cost=cost,
                            cold_start=self.cold_start)
         self.cold_start = None
         logger.info("job done in {} ms", timings["total_ms"])
@@ -126,7 +133,7 @@ class Service:
         import torch
 
         try:
-            return generate(self.pipe, self.family, job, on_step)
+            return self.family.generate(self.pipe, job, on_step)
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:
@@ -200,20 +207,13 @@ def _poisoned(e: RuntimeError) -> bool:
     return any(s in text for s in POISON_MARKERS)
 
 
-def _buckets(settings: Settings, family, service: Service) -> list[tuple[int, int]]:
-    """Warm-up shapes: SHAPES, else the tiny model's default size, else the family's buckets."""
-    if service.source.startswith("tiny-"):
-        return [(service.defaults.width, service.defaults.height)]
-    return list(family.shapes)
-
-
-def _preflight(settings: Settings) -> Plan:
-    """Run the preflight check (if enabled) and return its plan; a failed check breaks the worker."""
-    if not settings.preflight:
-        return detect_plan(settings.precision, settings.device)
-    import preflight
-
-    report = preflight.run(settings)
-    if not report.ok:
-        raise WorkerBroken(f"preflight failed: {report.failures()}")
-    return report.plan
+def _warmup_jobs(family, shapes) -> list[Job]:
+    """The warm-up jobs for SHAPES (default: the family's buckets); a size the family cannot serve breaks
+    the worker at start, naming SHAPES, rather than failing every job of that size later."""
+    try:
+        return family.warmup_jobs(shapes or family.shapes)
+    except InvalidInput as e:
+        bad = e.message.split(": ", 1)[-1]
+        raise WorkerBroken(f"bad configuration SHAPES: {bad} for the {family.name} family "
+                           f"(sides {family.min_side}-{family.max_side}, multiples of {family.multiple})",
+                           field="SHAPES") from None

@@ -51,11 +51,11 @@ def object_key(prefix: str, job_id: str, index: int, ext: str) -> str:
     return "/".join(p for p in (prefix.strip("/"), job_id, f"{index}.{ext}") if p)
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+def parse_s3_uri(uri: str, field: str | None = None) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b'); WorkerBroken naming `field` for anything else."""
     u = urlparse(uri)
     if u.scheme != "s3" or not u.netloc:
-        raise WorkerBroken(f"not an s3:// URI: {uri!r}")
+        raise WorkerBroken(f"{field + ': ' if field else ''}not an s3:// URI: {uri!r}", field=field)
     return u.netloc, u.path.strip("/")
 
 

@@ -20,6 +20,7 @@ def main(argv=None) -> int:
                      help="app.fused's one-pass GELU+FP8 kernel (on: as the worker's FP8 recipe)")
     lat.add_argument("--inductor", action="append", default=[], metavar="NAME=INT",
                      help="an inductor config value for this run, e.g. realize_opcount_threshold=100")
+    lat.add_argument("--profile", default="flux", help="models to profile one step of (on CUDA); '' for none")
     lat.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (and $OUT when set)")
     lat.add_argument("--tiny", action="store_true", help="app.tiny's models instead of the full-size ones")
     lat.add_argument("--size", type=int, default=1024)
@@ -39,13 +40,18 @@ def main(argv=None) -> int:
 
         builders = None
         if args.tiny:
-            from app.tiny import build_tiny_flux, build_tiny_sdxl
+            from app.families import FAMILIES
 
-            builders = {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}
-        latency(tuple(args.models.split(",")), args.compile, args.attention, args.out, builders, args.size,
+            builders = {name: fam.build_tiny for name, fam in FAMILIES.items()}
+        res = latency(tuple(args.models.split(",")), args.compile, args.attention, args.out, builders, args.size,
                 args.steps, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
                 inductor=dict(kv.split("=", 1) for kv in args.inductor),
-                fuse_gelu_quant=args.fuse_gelu_quant == "on")
+                fuse_gelu_quant=args.fuse_gelu_quant == "on", profile=tuple(args.profile.split(",")))
+        failed = [m for m in args.models.split(",") if "error" in res.get(m, {})]
+        if failed:
+            print(f"bench latency: failed for {', '.join(failed)}: " +
+                  "; ".join(res[m]["error"] for m in failed), file=sys.stderr)
+            return 1
     elif args.cmd == "variants":
         from bench.variants import run
 

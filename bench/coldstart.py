@@ -26,13 +26,13 @@ def bake_random_flux(out: Path) -> float:
     """Bake a FLUX.1-dev-shape random pipeline to `out` (FP8 denoiser); seconds taken."""
     import torch
 
-    from app.families import FLUX
+    from app.families import FAMILIES
     from bench.models import build_flux_dev
     from weights.bake import bake_pipeline
 
     t0 = time.perf_counter()
     pipe = build_flux_dev()
-    bake_pipeline(pipe, FLUX, out, "fp8", {"id": "random FLUX.1-dev shape", "revision": None}, device="cuda")
+    bake_pipeline(pipe, FAMILIES["flux"], out, "fp8", {"id": "random FLUX.1-dev shape", "revision": None}, device="cuda")
     del pipe
     torch.cuda.empty_cache()
     return round(time.perf_counter() - t0, 1)

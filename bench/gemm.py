@@ -21,7 +21,7 @@ def _bench(fn, iters=50):
 
 
 def gemms() -> list[dict]:
-    from app.fp8 import quantize_rows
+    from weights.fp8 import quantize_rows
 
     out = []
     for m, k, n in SHAPES:
@@ -75,7 +75,7 @@ def attention() -> dict:
 
     Q/K/V are Gaussian with a per-channel offset on K (real keys share one; centring removes it)."""
     from app.attention import fp8_inputs, run_fa3
-    from app.fp8 import quantize_e4m3
+    from weights.fp8 import quantize_e4m3
 
     g = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 4608, 24, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))

@@ -15,55 +15,20 @@ import time
 
 import torch
 
-from dataclasses import replace
-
 from app.config import Settings
 from app.families import FAMILIES
 from app.optimize import Recipe, apply_recipe, choose_recipe
-from app.plan import Plan
 from bench import timing
+from preflight import Plan
 
 # Relative L2 error of the optimized denoiser's output vs stock bf16 eager, same inputs, that the
-# bench accepts (README, Speed). Measured on H100 with random full-size weights: 0.098 (FLUX).
+# bench accepts (docs/speed.md). Measured on H100 with random full-size weights: 0.098 (FLUX).
 FIDELITY_BOUND = 0.15
 
-MODELS = {"flux": (28, 3.5), "sdxl": (30, 5.0)}
 
-
-def _denoiser_inputs(pipe, name: str, size: int = 1024, text_len: int | None = None) -> dict:
-    """Fixed random inputs for one denoiser forward (fidelity check), shaped from the model's config.
-
-    At 1024x1024 on FLUX.1-dev / SDXL these are the shapes of a real step (FLUX: 4096 image tokens of
-    64 channels, 512 T5 tokens of 4096, pooled 768; SDXL: a CFG batch of 2, 4x128x128 latents, 77
-    tokens of 2048, text_embeds 1280); on the tiny models the same rule gives their small shapes.
-    """
-    den = getattr(pipe, FAMILIES[name].denoiser)
-    cfg, dev, dt = den.config, den.device, den.dtype
-    g = torch.Generator(dev.type).manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=dt)  # noqa: E731
-    lat = size // pipe.vae_scale_factor
-    if name == "flux":
-        tokens, txt = (lat // 2) ** 2, text_len or 512  # 2x2 latent patches packed into tokens
-        out = dict(hidden_states=rnd(1, tokens, cfg.in_channels), encoder_hidden_states=rnd(1, txt, cfg.joint_attention_dim),
-                   pooled_projections=rnd(1, cfg.pooled_projection_dim),
-                   timestep=torch.tensor([0.5], device=dev, dtype=dt),
-                   img_ids=torch.zeros(tokens, 3, device=dev, dtype=dt),
-                   txt_ids=torch.zeros(txt, 3, device=dev, dtype=dt), return_dict=False)
-        if cfg.guidance_embeds:  # FLUX.1-dev; schnell has no guidance input
-            out["guidance"] = torch.tensor([3.5], device=dev, dtype=dt)
-        return out
-    # SDXL's added condition: pooled text embeds + 6 size/crop ids, each embedded in addition_time_embed_dim
-    text_embeds = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    return dict(sample=rnd(2, cfg.in_channels, lat, lat), timestep=torch.tensor(500, device=dev),
-                encoder_hidden_states=rnd(2, text_len or 77, cfg.cross_attention_dim),
-                added_cond_kwargs=dict(text_embeds=rnd(2, text_embeds),
-                                       time_ids=torch.tensor([[size, size, 0, 0, size, size]] * 2, device=dev, dtype=dt)),
-                return_dict=False)
-
-
-def _forward(pipe, name, inputs):
+def _forward(pipe, family, inputs):
     with torch.inference_mode():
-        return getattr(pipe, FAMILIES[name].denoiser)(**inputs)[0].float()
+        return getattr(pipe, family.denoiser)(**inputs)[0].float()
 
 
 def _release() -> None:
@@ -73,46 +38,44 @@ def _release() -> None:
 
 
 def run_model(name: str, recipe: Recipe, build=None, size: int = 1024, steps: int | None = None, reps: int = 3,
-              profile: bool | None = None) -> dict:
+              profile: bool = False) -> dict:
     """Stock, then the recipe on the same weights: timings, ratios, fidelity (and a profile on CUDA).
 
     `build` makes the pipeline (default: the full-size random-weight model of bench.models on the
     GPU); a test passes app.tiny's builders with a small `size` and few `steps` to run the same
-    plumbing on a CPU. `profile` defaults to "FLUX on CUDA" (the profiler's kernels are GPU ones).
+    plumbing on a CPU. `profile` adds a profile of one step (on CUDA).
     """
-    from bench.models import build_flux_dev, build_sdxl
+    from bench.models import FULL_SIZE
 
-    default_steps, guidance = MODELS[name]
-    steps = steps or default_steps
-    build = build or (build_flux_dev if name == "flux" else build_sdxl)
+    build = build or FULL_SIZE[name]
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
-    out = {"stock": {"warmup_s": timing.warm(pipe, name, guidance, size)}}
-    out["stock"].update(timing.measure(pipe, name, steps, guidance, size, reps))
-    inputs = _denoiser_inputs(pipe, name, size)
-    ref = _forward(pipe, name, inputs)
+    family = FAMILIES[name].variant(getattr(pipe, FAMILIES[name].denoiser).config)
+    steps = steps or family.defaults.steps
+    out = {"stock": {"warmup_s": timing.warm(pipe, family, size)}}
+    out["stock"].update(timing.measure(pipe, family, steps, size, reps))
+    inputs = family.denoiser_inputs(pipe, size, size)
+    ref = _forward(pipe, family, inputs)
     t0 = time.perf_counter()
     out["recipe"] = recipe.to_dict()
-    out["ours"] = {"apply_ms": apply_recipe(pipe, FAMILIES[name], recipe)}
+    out["ours"] = {"apply_ms": apply_recipe(pipe, family, recipe)}
     _release()
-    out["ours"]["warmup_s"] = timing.warm(pipe, name, guidance, size)
+    out["ours"]["warmup_s"] = timing.warm(pipe, family, size)
     out["ours"]["apply_and_warmup_s"] = round(time.perf_counter() - t0, 2)
-    out["ours"].update(timing.measure(pipe, name, steps, guidance, size, reps))
-    got = _forward(pipe, name, inputs)
+    out["ours"].update(timing.measure(pipe, family, steps, size, reps))
+    got = _forward(pipe, family, inputs)
     out["ours"]["rel_err_vs_stock"] = round(((got - ref).norm() / ref.norm()).item(), 5)
     out["ours"]["fidelity_bound"] = FIDELITY_BOUND
     out["ours"]["fidelity_ok"] = out["ours"]["rel_err_vs_stock"] <= FIDELITY_BOUND
     if recipe.cuda_graphs:
-        kw = dict(height=size, width=size, num_inference_steps=min(steps, 4), guidance_scale=guidance,
-                  output_type="latent")
+        kw = dict(height=size, width=size, num_inference_steps=min(steps, 4),
+                  guidance_scale=family.defaults.guidance, output_type="latent")
         with torch.inference_mode():
-            emb = timing._encode(pipe, name)
-        out["ours"]["graph_vs_plain_rel_err"] = timing.graph_vs_plain(pipe, name, emb, kw)
+            emb = family.encode(pipe, timing.PROMPT)
+        out["ours"]["graph_vs_plain_rel_err"] = timing.graph_vs_plain(pipe, family, emb, kw)
     out["ratio_e2e"] = round(out["stock"]["e2e_s"] / out["ours"]["e2e_s"], 2)
     out["ratio_per_step"] = round(out["stock"]["per_step_ms"] / out["ours"]["per_step_ms"], 2)
-    if profile is None:
-        profile = name == "flux" and torch.cuda.is_available()
-    if profile:
+    if profile and torch.cuda.is_available():  # the profiler's kernels are GPU ones
         from bench.profile import profile_step
 
         out["profile"] = profile_step(pipe)
@@ -157,13 +120,14 @@ def _recipe(name: str, compile_mode: str, attention: str, cuda_graphs: bool | No
     when the plumbing runs on a CPU (where the worker would quantize nothing)."""
     plan = Plan("cuda", "fp8", (9, 0), "bench")
     settings = Settings(attention=attention, compile=compile_mode, cuda_graphs=cuda_graphs)
-    return replace(choose_recipe(plan, settings, FAMILIES[name]), fuse_gelu_quant=fuse_gelu_quant)
+    chosen = choose_recipe(plan, settings, FAMILIES[name])
+    return Recipe(**{**chosen.to_dict(), "fuse_gelu_quant": fuse_gelu_quant})
 
 
 def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str = "fa3",
          out_dir: str = "bench/results", builders: dict | None = None, size: int = 1024, steps: int | None = None,
          reps: int = 3, cuda_graphs: bool | None = None, inductor: dict | None = None,
-         fuse_gelu_quant: bool = True) -> dict:
+         fuse_gelu_quant: bool = True, profile: tuple[str, ...] = ("flux",)) -> dict:
     """Run each model (errors are kept per model), writing JSON and PNG to `out_dir` (and $OUT) after each.
 
     `cuda_graphs` None follows each family's default, as the worker does when CUDA_GRAPHS is unset."""
@@ -177,7 +141,7 @@ def main(models=("flux", "sdxl"), compile_mode: str = "regional", attention: str
     for name in models:
         recipe = _recipe(name, compile_mode, attention, cuda_graphs, fuse_gelu_quant)
         try:
-            res[name] = run_model(name, recipe, (builders or {}).get(name), size, steps, reps)
+            res[name] = run_model(name, recipe, (builders or {}).get(name), size, steps, reps, name in profile)
         except Exception as e:  # keep the other model's figures
             res[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         write(res, out_dir)

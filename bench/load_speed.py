@@ -71,14 +71,14 @@ def _s3_raw(root: Path, names: list[str]) -> int:
         return sum(pool.map(get, items))
 
 
-def _plan(device: str):
+def _target(device: str):
     import torch
 
-    from app.plan import Plan
+    from weights.load import Target
 
     if device == "cpu":  # the plumbing test
-        return Plan("cpu", "fp32")
-    return Plan("cuda", "fp8", torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
+        return Target("cpu", torch.float32)
+    return Target("cuda:0", torch.bfloat16, torch.cuda.get_device_capability(0), "fp8")
 
 
 def _reader(root: Path, paths: list[Path], rel: list[str], extra: dict, device: str):
@@ -96,7 +96,9 @@ def _load(root: Path, paths: list[Path], rel: list[str], extra: dict, device: st
     from weights import manifest as mf
     from weights.load import load_denoiser
 
-    state = load_denoiser(root, mf.read(root), _plan(device), times=extra).state_dict()
+    model, times = load_denoiser(root, mf.read(root), _target(device))
+    extra.update(skeleton_s=times.skeleton_s, tensors_s=times.tensors_s)
+    state = model.state_dict()
     return len(state), state
 
 
@@ -105,14 +107,15 @@ def _stream(root: Path, paths: list[Path], rel: list[str], extra: dict, device: 
 
     from app.storage import s3_client
     from weights import manifest as mf
-    from weights.load import _device, load_denoiser
-    from weights.stream import WORKERS, _Fetcher, _shards as stream_shards
+    from weights.load import load_denoiser
+    from weights.stream import WORKERS, Fetcher, stream_shards
 
-    manifest, plan = mf.read(root), _plan(device)
+    manifest, target = mf.read(root), _target(device)
     with ThreadPoolExecutor(WORKERS) as pool:
-        fetcher = _Fetcher(s3_client(max_pool_connections=WORKERS), "bench", "baked", manifest, pool)
+        fetcher = Fetcher(s3_client(max_pool_connections=WORKERS), "bench", "baked", manifest, pool)
         fetcher.check_sizes()
-        model = load_denoiser(root, manifest, plan, stream_shards(fetcher, rel, _device(plan)), extra)
+        model, times = load_denoiser(root, manifest, target, stream_shards(fetcher, rel, target.device))
+        extra.update(skeleton_s=times.skeleton_s, tensors_s=times.tensors_s)
     state = model.state_dict()
     return len(state), state
 

@@ -102,3 +102,7 @@ def build_sdxl(device: str = "cuda", dtype=torch.bfloat16):
                                      tokenizer_2=tokenizer(77), unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# The full-size random-weight build of each family the latency bench measures.
+FULL_SIZE = {"flux": build_flux_dev, "sdxl": build_sdxl}

@@ -46,7 +46,7 @@ def fused(warps=(4, 8, 16, 32)) -> dict:
     the same ops; codes and scales checked against the eager reference."""
     from triton.testing import do_bench
 
-    from app.fused import _gelu_quant_triton, gelu_quant_reference
+    from app.fused import gelu_quant_triton, gelu_quant_reference
 
     g = torch.Generator("cuda").manual_seed(1)
     out = {}
@@ -59,8 +59,8 @@ def fused(warps=(4, 8, 16, 32)) -> dict:
         compiled()
         row = out[name] = {"inductor_us": round(do_bench(compiled, warmup=25, rep=100, return_mode="median") * 1000, 1)}
         for w in warps:
-            q, sc = _gelu_quant_triton(a, h, bias, num_warps=w)
-            row[f"warps_{w}_us"] = round(do_bench(lambda: _gelu_quant_triton(a, h, bias, num_warps=w), warmup=25,
+            q, sc = gelu_quant_triton(a, h, bias, num_warps=w)
+            row[f"warps_{w}_us"] = round(do_bench(lambda: gelu_quant_triton(a, h, bias, num_warps=w), warmup=25,
                                                  rep=100, return_mode="median") * 1000, 1)
         deq = lambda q, sc: q.float() * sc  # noqa: E731
         row["codes_differ_frac"] = round((q.view(torch.uint8) != ref_q.view(torch.uint8)).float().mean().item(), 6)

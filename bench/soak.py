@@ -50,17 +50,17 @@ def build_service(tiny: bool, out_dir: str):
     import torch
 
     from app.config import Settings
-    from app.families import FLUX
-    from app.plan import Plan
+    from app.families import FAMILIES
     from app.service import Service
+    from app.source import ModelSource
     from app.storage import LocalStore
+    from preflight import Plan
 
+    flux = FAMILIES["flux"]
     if tiny:
-        from app.tiny import build_tiny_flux
-
-        pipe, plan = build_tiny_flux(), Plan("cpu", "fp32")
+        source = ModelSource("tiny", "tiny-flux", flux.tiny_variant())
+        pipe, plan = flux.build_tiny(), Plan("cpu", "fp32")
         pipe.set_progress_bar_config(disable=True)
-        model = "tiny-flux"
     else:
         from bench.models import build_flux_dev
 
@@ -70,10 +70,10 @@ def build_service(tiny: bool, out_dir: str):
         cap = torch.cuda.get_device_capability(0)
         plan = Plan("cuda", "fp8" if cap >= (8, 9) else "bf16", cap, torch.cuda.get_device_name(0))
         # the worker's own recipe (FP8, regional compile): the soak checks what production runs
-        apply_recipe(pipe, FLUX, choose_recipe(plan, Settings()))
-        model = "flux-dev-shape-random"
-    settings = Settings(model=model, output_uri=out_dir, preflight=False, warmup=False, job_timeout_s=3600)
-    return Service(pipe, FLUX, settings, plan, LocalStore(out_dir), {})
+        apply_recipe(pipe, flux, choose_recipe(plan, Settings(), flux))
+        source = ModelSource("hub", "flux-dev-shape-random", flux)
+    settings = Settings(model=source.id, output_uri=out_dir, preflight=False, warmup=False, job_timeout_s=3600)
+    return Service(pipe, source, settings, plan, LocalStore(out_dir), {})
 
 
 def run_job(service, job: dict, job_id: str) -> dict:

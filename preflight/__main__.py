@@ -3,6 +3,8 @@
 Reads the same environment as the workers (MODEL, OUTPUT_URI, PRECISION, DEVICE, CACHE_DIR, ...).
 Exit 0 when nothing failed, 1 when a check failed, 2 on bad usage or bad configuration.
 Without --cpu (or DEVICE=cpu) this is a GPU check: on a machine without a GPU, `cuda` fails.
+An entrypoint like handler.py: it reads the worker's settings (app) and calls the checks, which
+themselves take plain arguments and never import app.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import argparse
 import json
 import sys
 
+from app.checks import preflight_inputs
 from app.config import Settings, secret_values
 from app.errors import WorkerBroken
 from app.logs import configure_logging, redact
+from app.source import resolve
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -25,18 +29,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    secrets = secret_values()
     try:
         settings = Settings.from_env()
+        configure_logging(settings.log_format, settings.log_level, secrets)
+        source = resolve(settings.model, settings.revision, settings.hf_offline, settings.weights_uri)
     except WorkerBroken as e:
-        print(f"preflight: {e.message}", file=sys.stderr)
+        print(f"preflight: {redact(e.message, secrets)}", file=sys.stderr)
         return 2
-    secrets = secret_values()
-    configure_logging(settings.log_format, settings.log_level, secrets)
     import preflight
 
     # The CLI is a GPU check unless told otherwise: DEVICE=auto's "tiny model, no GPU" leniency is for
     # the worker's embedded demo, not for vetting a GPU machine.
-    report = preflight.run(settings, cpu=args.cpu or settings.device == "cpu")
+    report = preflight.run(preflight_inputs(settings, source), cpu=args.cpu or settings.device == "cpu")
     text = json.dumps(report.to_dict(), indent=2) if args.json else report.table()
     print(redact(text, secrets))  # belt and braces: no check prints a credential, and none gets out
     return 0 if report.ok else 1

@@ -1,4 +1,4 @@
-"""The precision check: decide the plan from the card (app.plan's rules) and prove FP8 really runs.
+"""The precision check: decide the plan from the card (preflight.plan's rules) and prove FP8 really runs.
 
 FP8 is planned only when the capability allows it (>= 8.9) *and* a per-row-scaled `torch._scaled_mm`
 (the kernel torchao's FP8 per-row recipe calls) runs here: a capability alone does not prove the
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from app.errors import WorkerBroken
-from app.plan import Plan, best_precision, choose_precision
+from preflight.plan import Plan, PlanError, best_precision, choose_precision
 from preflight.gpu import GpuFacts
 from preflight.report import Check, fail, first_line, ok, warn
 
@@ -36,7 +35,7 @@ def check_precision_cpu(requested: str) -> tuple[Check, Plan]:
     """CPU mode: the reference fp32 path; a forced fp8/int8 is refused (they are GPU kernels)."""
     try:
         precision = choose_precision(requested, None)
-    except WorkerBroken as e:
+    except PlanError as e:
         return fail("precision", e.message), CPU_PLAN
     return ok("precision", f"{precision} on the CPU (quantized plans need a GPU)"), Plan("cpu", precision)
 
@@ -52,7 +51,7 @@ def check_precision(requested: str, gpu: GpuFacts, smoke=fp8_smoke) -> tuple[Che
     tail = "; FP4 available (not used yet)" if fp4 else ""
     try:
         precision = choose_precision(requested, cap, fp8_works=why_not_fp8 is None)
-    except WorkerBroken as e:
+    except PlanError as e:
         because = f" ({why_not_fp8})" if why_not_fp8 else ""
         return fail("precision", f"{e.message}{because}; this card's best plan is {best}"), plan
     plan = replace(plan, precision=precision)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.plan import Plan
+from preflight.plan import Plan
 
 OK, WARN, FAIL, SKIPPED = "ok", "warn", "fail", "skipped"
 

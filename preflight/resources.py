@@ -1,37 +1,49 @@
 """Resource checks: enough free GPU memory for the model and plan, enough disk where weights and
-caches go, and the output store reachable and writable with the credentials this worker holds."""
+caches go, and the output store reachable and writable with the credentials this worker holds.
+
+Everything arrives as plain values in `Inputs` (the worker fills them from its settings and its
+resolved model source); nothing here knows a model family or a storage backend.
+"""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from app.config import Settings
-from app.errors import JobFailed, WorkerBroken
-from app.storage import open_store, s3_client
 from preflight.gpu import GIB, GpuFacts
 from preflight.report import Check, fail, first_line, ok, warn
 
-TINY_VRAM_GIB = 0.5  # the embedded tiny models need almost nothing; this leaves room for the CUDA context
 CACHE_MIN_GIB = 2.0  # compile caches (inductor/triton, AOT packages) and scratch under CACHE_DIR
 
 
-def vram_need(settings: Settings, precision: str) -> tuple[float | None, str]:
-    """(GiB needed at 1024x1024, where the figure comes from) for MODEL under `precision`.
+@dataclass(frozen=True)
+class Inputs:
+    """What one preflight run checks against.
 
-    An estimate per family (app.families.vram_gib); the weights manifest will refine it. Reads only
-    the model's model_index.json, as loading would first.
+    `vram_gib` maps a precision to the GiB the model needs at its default size (None: unknown), with
+    `vram_source` saying where that figure comes from. `embedded`: the model is the embedded tiny one,
+    which DEVICE=auto runs on the CPU when there is no GPU. `download_gib`: bytes the hub download will
+    put in `hub_cache` (None: nothing to download). `storage`: writes and deletes a probe object under
+    the output location and returns a one-line description, or raises with a message naming the cause.
     """
-    from app.pipeline import resolve_model
 
-    if settings.model.startswith("tiny-"):
-        return TINY_VRAM_GIB, "embedded tiny model"
-    try:
-        family, _ = resolve_model(settings.model, settings.revision, settings.hf_offline)
-    except WorkerBroken as e:
-        return None, e.message
-    need = family.vram_gib.get(precision, family.vram_gib.get("bf16"))
-    return need, f"{family.name} family estimate as {precision}"
+    device: str = "auto"
+    precision: str = "auto"
+    vram_gib: dict[str, float] | None = None
+    vram_source: str = "unknown model"
+    embedded: bool = False
+    model_label: str = "the model"
+    cache_dir: str = "/tmp/diffusion-worker"
+    download_gib: float | None = None
+    hub_cache: str | None = None
+    storage: Callable[[], str] | None = None
+    storage_label: str = "output store"
+
+    def vram_need(self, precision: str) -> float | None:
+        table = self.vram_gib or {}
+        return table.get(precision, table.get("bf16"))
 
 
 def check_vram(gpu: GpuFacts, need_gib: float | None, source: str) -> Check:
@@ -45,9 +57,9 @@ def check_vram(gpu: GpuFacts, need_gib: float | None, source: str) -> Check:
     return ok("vram", f"{free:.1f} of {total:.1f} GiB free; about {need_gib:g} GiB needed ({source})")
 
 
-def check_vram_for(settings: Settings, gpu: GpuFacts, precision: str) -> Check:
-    """The vram check for MODEL under `precision` (the estimate and the comparison, timed together)."""
-    return check_vram(gpu, *vram_need(settings, precision))
+def check_vram_for(inputs: Inputs, gpu: GpuFacts, precision: str) -> Check:
+    """The vram check for the model under `precision`."""
+    return check_vram(gpu, inputs.vram_need(precision), f"{inputs.vram_source} as {precision}")
 
 
 def free_gib(path: str | Path) -> tuple[float, Path]:
@@ -66,31 +78,24 @@ def disk_verdict(label: str, where: Path, free: float, need: float, hard: bool =
     return fail("disk", text) if hard else warn("disk", text)
 
 
-def check_disk(settings: Settings) -> Check:
+def check_disk(inputs: Inputs) -> Check:
     """Free space for caches (CACHE_DIR) and, for a hub model, for the weights download (HF cache)."""
-    free, where = free_gib(settings.cache_dir)
+    free, where = free_gib(inputs.cache_dir)
     verdict = disk_verdict("caches", where, free, CACHE_MIN_GIB)
-    if verdict.status != "ok" or settings.model.startswith("tiny-") or Path(settings.model).is_dir():
+    if verdict.status != "ok" or inputs.download_gib is None or inputs.hub_cache is None:
         return verdict
-    need, _ = vram_need(settings, "bf16")  # bf16 weights take about what they take in VRAM
-    if need is None:
-        return verdict
-    from huggingface_hub import constants
-
-    hub_free, hub_where = free_gib(constants.HF_HUB_CACHE)
+    hub_free, hub_where = free_gib(inputs.hub_cache)
     # Only a warning: the weights may already be in that cache.
-    weights = disk_verdict("weights", hub_where, hub_free, need, hard=False)
+    weights = disk_verdict("weights", hub_where, hub_free, inputs.download_gib, hard=False)
     return weights if weights.status != "ok" else ok("disk", f"{verdict.detail}; {weights.detail}")
 
 
-def check_storage(settings: Settings) -> Check:
-    """Put and delete a small object under OUTPUT_URI's prefix; S3 failures named, never a secret."""
-    uri = settings.output_uri
-    # Short timeouts and one retry: preflight must answer in seconds, the job path keeps its own retries.
-    client = s3_client(connect_timeout=2, read_timeout=5, max_attempts=2) if uri.startswith("s3://") else None
+def check_storage(inputs: Inputs) -> Check:
+    """Put and delete a small object under the output location; failures named, never a secret."""
+    if inputs.storage is None:
+        return warn("storage", "no output store given: not checked")
     try:
-        return ok("storage", open_store(uri, settings.presign_ttl_s, client=client).check())
-    except (JobFailed, WorkerBroken) as e:
-        return fail("storage", e.message)
+        return ok("storage", inputs.storage())
     except Exception as e:  # e.g. no region or credentials configured: botocore raises before any request
-        return fail("storage", f"{uri.split('://')[0]} store unusable: {type(e).__name__}: {first_line(e, 120)}")
+        message = getattr(e, "message", None) or f"{type(e).__name__}: {first_line(e, 120)}"
+        return fail("storage", f"{inputs.storage_label} unusable: {message}")

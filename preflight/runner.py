@@ -1,4 +1,4 @@
-"""`run(settings) -> Report`: every check in order, each timed; GPU checks skipped in CPU mode.
+"""`run(inputs) -> Report`: every check in order, each timed; GPU checks skipped in CPU mode.
 
 Disk and storage touch only the filesystem and the network, so they run on a thread while the GPU
 checks run: an S3 round trip overlaps CUDA initialisation instead of adding to it.
@@ -12,11 +12,10 @@ from importlib import metadata
 
 from loguru import logger
 
-from app.config import Settings
 from preflight.gpu import check_arch, check_cuda, check_cudnn, check_driver, check_torch
 from preflight.precision import CPU_PLAN, check_precision, check_precision_cpu
 from preflight.report import Check, Report, fail, first_line, skipped
-from preflight.resources import check_disk, check_storage, check_vram_for
+from preflight.resources import Inputs, check_disk, check_storage, check_vram_for
 from preflight.software import check_pins, check_torchao
 
 GPU_ONLY = ("cuda", "driver", "arch", "cudnn", "precision", "torchao", "pins", "vram")
@@ -35,25 +34,24 @@ def timed(check_id: str, fn, *args):
     return check, extra
 
 
-def cpu_mode(settings: Settings, cpu: bool | None, torch) -> str | None:
-    """Why this run is a CPU run (None: a GPU run). `cpu=None` decides from DEVICE and MODEL."""
+def cpu_mode(inputs: Inputs, cpu: bool | None, torch) -> str | None:
+    """Why this run is a CPU run (None: a GPU run). `cpu=None` decides from DEVICE and the model."""
     if cpu is not None:
         return "CPU mode requested" if cpu else None
-    if settings.device == "cpu":
+    if inputs.device == "cpu":
         return "DEVICE=cpu"
-    if settings.device == "auto" and settings.model.startswith("tiny-") and torch is not None \
-            and not torch.cuda.is_available():
-        return f"DEVICE=auto, {settings.model} and no GPU: the embedded model runs on the CPU"
+    if inputs.device == "auto" and inputs.embedded and torch is not None and not torch.cuda.is_available():
+        return f"DEVICE=auto, {inputs.model_label} and no GPU: the embedded model runs on the CPU"
     return None
 
 
-def _host_checks(settings: Settings) -> list[Check]:
-    return [timed("disk", check_disk, settings)[0], timed("storage", check_storage, settings)[0]]
+def _host_checks(inputs: Inputs) -> list[Check]:
+    return [timed("disk", check_disk, inputs)[0], timed("storage", check_storage, inputs)[0]]
 
 
-def _cpu_checks(settings: Settings, why: str):
+def _cpu_checks(inputs: Inputs, why: str):
     checks = [skipped(c, f"{why}: GPU check not run") for c in ("cuda", "driver", "arch", "cudnn")]
-    precision, plan = timed("precision", check_precision_cpu, settings.precision)
+    precision, plan = timed("precision", check_precision_cpu, inputs.precision)
     try:
         ao = f"torchao {metadata.version('torchao')} installed"
     except metadata.PackageNotFoundError:
@@ -64,7 +62,7 @@ def _cpu_checks(settings: Settings, why: str):
     return checks, plan or CPU_PLAN
 
 
-def _gpu_checks(settings: Settings, torch):
+def _gpu_checks(inputs: Inputs, torch):
     cuda, gpu = timed("cuda", check_cuda, torch)
     checks = [cuda, timed("driver", check_driver, torch.version.cuda)[0]]
     if gpu is None:  # the worker is done for; importing torchao (about 2 s) would only delay saying so
@@ -77,37 +75,36 @@ def _gpu_checks(settings: Settings, torch):
         checks += [skipped(c, "no kernel image for this card (see arch)") for c in ("cudnn", "precision")]
     else:
         checks.append(timed("cudnn", check_cudnn)[0])
-        precision, plan = timed("precision", check_precision, settings.precision, gpu)
+        precision, plan = timed("precision", check_precision, inputs.precision, gpu)
         checks.append(precision)
         plan = plan or CPU_PLAN
     checks += [timed("torchao", check_torchao, plan.precision)[0], timed("pins", check_pins)[0],
-               timed("vram", check_vram_for, settings, gpu, plan.precision)[0]]
+               timed("vram", check_vram_for, inputs, gpu, plan.precision)[0]]
     return checks, plan
 
 
-def run(settings: Settings, cpu: bool | None = None) -> Report:
-    """Check this machine for `settings` before any weight is read; return the report and its plan.
+def run(inputs: Inputs, cpu: bool | None = None) -> Report:
+    """Check this machine for `inputs` before any weight is read; return the report and its plan.
 
-    `cpu=None` runs in CPU mode when DEVICE=cpu, or DEVICE=auto with an embedded tiny model and no
-    GPU; there the GPU checks are skipped (saying why) and the plan is cpu/fp32.
+    `cpu=None` runs in CPU mode when DEVICE=cpu, or DEVICE=auto with the embedded model and no GPU; there the GPU checks are skipped (saying why) and the plan is cpu/fp32.
     """
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="preflight") as pool:
-        host = pool.submit(_host_checks, settings)
+        host = pool.submit(_host_checks, inputs)
         torch_check, torch = timed("torch", check_torch)
         checks = [torch_check]
-        why = cpu_mode(settings, cpu, torch)
+        why = cpu_mode(inputs, cpu, torch)
         if torch is None:
             checks += [skipped(c, "torch did not import (see torch)") for c in GPU_ONLY]
             plan = CPU_PLAN
         elif why:
-            more, plan = _cpu_checks(settings, why)
+            more, plan = _cpu_checks(inputs, why)
             checks += more
         else:
-            more, plan = _gpu_checks(settings, torch)
+            more, plan = _gpu_checks(inputs, torch)
             checks += more
         checks += host.result()
-    report = Report(checks, plan, settings.precision, round((time.perf_counter() - t0) * 1000, 1))
+    report = Report(checks, plan, inputs.precision, round((time.perf_counter() - t0) * 1000, 1))
     _log(report)
     return report
 

@@ -13,7 +13,7 @@ def service_like(base: Service, store=None, **settings) -> Service:
     Loading the tiny pipeline costs seconds; a second Service around the same weights costs nothing
     and keeps a test that breaks its worker from breaking the session's.
     """
-    return Service(base.pipe, base.family, base.settings.model_copy(update=settings), base.plan,
+    return Service(base.pipe, base.source, base.settings.model_copy(update=settings), base.plan,
                    store if store is not None else base.store, {})
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from app.attention import fp8_inputs, quantize_heads
-from app.fp8 import E4M3_MAX
+from weights.fp8 import E4M3_MAX
 
 FP8 = torch.float8_e4m3fn
 B, S, H, D = 2, 64, 3, 32

@@ -17,10 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from app.tiny import build_tiny_flux, build_tiny_sdxl
+from app.families.flux import FAMILY as FLUX
+
+from app.families.sdxl import FAMILY as SDXL
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}
+TINY = {"flux": FLUX.build_tiny, "sdxl": SDXL.build_tiny}
 FIGURES = ("e2e_s", "denoise_s", "per_step_ms", "encode_s", "vae_decode_s")
 
 
@@ -58,7 +60,7 @@ def test_stock_and_ours_figures(latency_run, name):
         assert r[side]["peak_GiB"] is None  # no CUDA here: no memory figures, not zeros
     graphs = name == "sdxl"  # the family's default, as the worker applies it when CUDA_GRAPHS is unset
     assert r["recipe"] == {"fuse_qkv": True, "quantize": "fp8", "attention": "native",
-                           "vae_channels_last": False, "compile": "off", "cuda_graphs": graphs,
+                           "compile": "off", "cuda_graphs": graphs,
                            "fuse_gelu_quant": True}
     assert list(r["ours"]["apply_ms"]) == ["fuse_qkv", "quantize"] + ["cuda_graphs"] * graphs
     # On a CPU the graphed denoiser passes calls straight through: replay and plain runs must agree.
@@ -91,7 +93,7 @@ def test_a_failing_model_keeps_the_other_models_figures(tmp_path, monkeypatch):
 
     monkeypatch.delenv("OUT", raising=False)
     res = main(("sdxl", "flux"), compile_mode="off", attention="native", out_dir=str(tmp_path),
-               builders={"sdxl": broken, "flux": build_tiny_flux}, size=64, steps=1, reps=1)
+               builders={"sdxl": broken, "flux": FLUX.build_tiny}, size=64, steps=1, reps=1)
     assert res["sdxl"] == {"error": "RuntimeError: no weights today"}
     assert res["flux"]["ours"]["e2e_s"] > 0
     assert len(list(tmp_path.glob("*.png"))) == 1
@@ -115,9 +117,10 @@ def _meta_pipe(name):
 def test_full_size_denoiser_inputs_are_the_ones_the_gpu_runs_used():
     """Derived from the config, they equal the shapes once hard-coded for FLUX.1-dev and SDXL at 1024,
     drawn in the same order from the same seed (so the GPU's fidelity figure means the same)."""
-    from bench.latency import _denoiser_inputs
+    from app.families.flux import FAMILY as FLUX
+    from app.families.sdxl import FAMILY as SDXL
 
-    f = _denoiser_inputs(_meta_pipe("flux"), "flux", 1024)
+    f = FLUX.denoiser_inputs(_meta_pipe("flux"), 1024, 1024)
     shapes = {k: tuple(v.shape) for k, v in f.items() if isinstance(v, torch.Tensor)}
     assert shapes == dict(hidden_states=(1, 4096, 64), encoder_hidden_states=(1, 512, 4096),
                           pooled_projections=(1, 768), timestep=(1,), guidance=(1,), img_ids=(4096, 3),
@@ -127,7 +130,7 @@ def test_full_size_denoiser_inputs_are_the_ones_the_gpu_runs_used():
     assert torch.equal(f["hidden_states"], first)
     assert torch.equal(f["encoder_hidden_states"], torch.randn(1, 512, 4096, generator=g, dtype=torch.bfloat16))
 
-    s = _denoiser_inputs(_meta_pipe("sdxl"), "sdxl", 1024)
+    s = SDXL.denoiser_inputs(_meta_pipe("sdxl"), 1024, 1024)
     assert tuple(s["sample"].shape) == (2, 4, 128, 128)
     assert tuple(s["encoder_hidden_states"].shape) == (2, 77, 2048)
     assert tuple(s["added_cond_kwargs"]["text_embeds"].shape) == (2, 1280)
@@ -158,7 +161,7 @@ def test_load_speed_readers_and_their_byte_check_on_cpu(tmp_path, monkeypatch):
 
     import weights.serialize as ser
     from bench import load_speed
-    from weights.bake import bake
+    from weights.__main__ import bake
 
     monkeypatch.setattr(ser, "MAX_SHARD_BYTES", 40_000)  # several shards: first and last are checked
     bake("tiny-flux", tmp_path / "baked", "fp8", device="cpu")

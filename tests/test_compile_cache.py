@@ -168,10 +168,11 @@ def test_service_does_not_touch_the_cache_when_nothing_is_compiled(tmp_path, log
     from app.config import Settings
     from app.optimize import Recipe
     from app.service import Service
+    from app.source import resolve
 
     settings = Settings(model="tiny-flux", output_uri=str(tmp_path / "out"), preflight=False, device="cpu",
-                        compile="regional", compile_cache_uri=str(tmp_path / "cc"), shapes="64x64")
-    key = cache_key("cpu", None, "tiny-flux", Recipe().to_dict(), [(64, 64)])
+                        compile="regional", compile_cache_uri=str(tmp_path / "cc"), shapes="256x256")
+    key = cache_key("cpu", None, resolve("tiny-flux").cache_identity(), Recipe().to_dict(), [(256, 256)])
     (tmp_path / "cc").mkdir()
     (tmp_path / "cc" / f"{key}.bin").write_bytes(b"would be logged as corrupt if read")
     service = Service.load(settings)

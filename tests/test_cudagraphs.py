@@ -9,17 +9,16 @@ from __future__ import annotations
 import torch
 
 from app.cudagraphs import GraphedDenoiser, _signature
-from app.families import FLUX
+from app.families.flux import FAMILY as FLUX
 from app.optimize import Recipe, apply_recipe
-from app.tiny import build_tiny_flux
 
 
 def test_wrapper_forwards_attributes_and_passes_cpu_calls_through():
-    pipe = build_tiny_flux()
+    pipe = FLUX.build_tiny()
     den = pipe.transformer
     wrapped = GraphedDenoiser(den)
     assert wrapped.config is den.config and wrapped.dtype == den.dtype
-    assert wrapped.module is den and wrapped.enabled
+    assert wrapped.module is den
     x = torch.randn(1, 16, den.config.in_channels)
     kw = dict(hidden_states=x, encoder_hidden_states=torch.randn(1, 8, den.config.joint_attention_dim),
               pooled_projections=torch.randn(1, den.config.pooled_projection_dim), timestep=torch.tensor([0.5]),
@@ -40,7 +39,7 @@ def test_signature_separates_shapes_dtypes_and_values():
 
 
 def test_recipe_wraps_the_denoiser_and_the_pipeline_still_generates():
-    pipe = build_tiny_flux()
+    pipe = FLUX.build_tiny()
     applied = apply_recipe(pipe, FLUX, Recipe(cuda_graphs=True))
     assert "cuda_graphs" in applied and isinstance(pipe.transformer, GraphedDenoiser)
     image = pipe(prompt="a cat", width=64, height=64, num_inference_steps=2, output_type="np").images

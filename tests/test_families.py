@@ -10,8 +10,10 @@ from PIL import Image
 
 from app.config import Settings
 from app.errors import WorkerBroken
-from app.families import FLUX, SDXL, family_for_pipeline_class, family_for_tiny
-from app.pipeline import resolve_model
+from app.families import family_for_pipeline_class, family_for_tiny
+from app.families.flux import FAMILY as FLUX
+from app.families.sdxl import FAMILY as SDXL
+from app.source import resolve
 
 FAST = {"num_inference_steps": 2}
 
@@ -71,9 +73,7 @@ def test_sdxl_guidance_is_one_batched_unet_forward_per_step(tiny_sdxl_service):
 
 
 def test_flux_variant_is_read_from_the_model_config():
-    from app.tiny import build_tiny_flux
-
-    dev, schnell = FLUX.variant_defaults(build_tiny_flux(True)), FLUX.variant_defaults(build_tiny_flux(False))
+    dev, schnell = (FLUX.variant(FLUX.build_tiny(g).transformer.config).defaults for g in (True, False))
     assert (dev.steps, dev.guidance, dev.max_sequence_length) == (28, 3.5, 512)
     assert (schnell.steps, schnell.guidance, schnell.max_sequence_length) == (4, 0.0, 256)
 
@@ -92,15 +92,14 @@ def test_families_are_found_by_pipeline_class_and_tiny_name():
 def test_model_may_be_a_local_diffusers_directory(tmp_path):
     """A saved FLUX.1-schnell-shaped pipeline: the family and the variant come from its own config."""
     from app.service import Service
-    from app.tiny import build_tiny_flux
 
     model_dir = tmp_path / "my-flux-schnell"
-    build_tiny_flux(guidance_embeds=False).save_pretrained(model_dir)
+    FLUX.build_tiny(guidance_embeds=False).save_pretrained(model_dir)
     settings = Settings(model=str(model_dir), hf_offline=True, output_uri=str(tmp_path / "out"),
                         preflight=False, device="cpu", warmup=False)
     service = Service.load(settings)
-    assert service.family is FLUX and type(service.pipe).__name__ == "FluxPipeline"
-    assert service.defaults.steps == 4 and service.defaults.guidance == 0.0  # schnell, detected
+    assert service.source.family is FLUX and type(service.pipe).__name__ == "FluxPipeline"
+    assert service.family.defaults.steps == 4 and service.family.defaults.guidance == 0.0  # schnell, detected
     out = service.run({"prompt": "a red sneaker", "width": 256, "height": 256, "seed": 3, **FAST}, "local-1")
     assert out["model"] == str(model_dir)
     assert len(image_bytes(out)) == out["images"][0]["bytes"] > 0
@@ -110,5 +109,5 @@ def test_model_errors_name_model(tmp_path):
     (tmp_path / "empty").mkdir()
     for model in (str(tmp_path / "empty"), "nobody-here/not-a-cached-model"):
         with pytest.raises(WorkerBroken) as e:
-            resolve_model(model, offline=True)
+            resolve(model, offline=True)
         assert e.value.field == "MODEL" and "MODEL" in e.value.message

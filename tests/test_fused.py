@@ -14,19 +14,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.families import FLUX, SDXL
-from app.fp8 import FP8Linear, quantize_rows
+from app.families.flux import FAMILY as FLUX
+from app.families.sdxl import FAMILY as SDXL
+from weights.fp8 import FP8Linear, quantize_rows
 from app.fused import fuse_gelu_quant, gelu_quant, gelu_quant_reference
 from app.optimize import quantize_denoiser
-from app.tiny import build_tiny_flux, build_tiny_sdxl
 
 
 def _flux_fp8(dtype=torch.float32):
     """The tiny FLUX transformer with FP8 linears whose biases are not zero (the tiny model's are), so a
     bias dropped or added twice by a rebound forward shows."""
     torch.manual_seed(0)
-    d = build_tiny_flux().transformer.to(dtype)
-    quantize_denoiser(d, FLUX, "fp8")
+    d = FLUX.build_tiny().transformer.to(dtype)
+    quantize_denoiser(d, "fp8", FLUX.skips)
     g = torch.Generator().manual_seed(1)
     for m in d.modules():
         if isinstance(m, FP8Linear) and m.bias is not None:
@@ -72,13 +72,19 @@ def test_the_flux_blocks_with_fp8_linears_are_rebound_once():
     assert {type(m).__name__ for m in fused} == {"FluxSingleTransformerBlock", "FeedForward"}
 
 
-def test_another_diffusers_version_fuses_nothing_and_says_so(monkeypatch):
-    """The rebound forwards copy diffusers 0.42.1's; under another release they must not replace its own."""
-    import diffusers
+def test_a_changed_upstream_forward_fuses_nothing_and_says_so(monkeypatch):
+    """The rebound forwards copy diffusers'; once an upstream forward's source changes (as a diffusers
+    upgrade would change it) they must not replace its own."""
+    import inspect
+
     from loguru import logger
 
+    from app import upstream
+
     d = _flux_fp8()
-    monkeypatch.setattr(diffusers, "__version__", "0.43.0")  # a third-party attribute, not our code
+    name = "diffusers.models.attention.FeedForward.forward"
+    target, real = upstream.resolve(name), inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda o: real(o) + ("# edited upstream\n" if o is target else ""))
     lines = []
     sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
     try:
@@ -86,15 +92,15 @@ def test_another_diffusers_version_fuses_nothing_and_says_so(monkeypatch):
     finally:
         logger.remove(sink)
     assert not any(getattr(m, "_fused_gelu_quant", False) for m in d.modules())
-    assert any("copy diffusers 0.42.1, this is 0.43.0" in line for line in lines)
+    assert any("the diffusers code it copies changed" in line and name in line for line in lines)
 
 
 def test_nothing_is_rebound_without_fp8_linears_or_tanh_gelu():
     torch.manual_seed(0)
-    bf16 = build_tiny_flux().transformer  # not quantized: plain nn.Linear
+    bf16 = FLUX.build_tiny().transformer  # not quantized: plain nn.Linear
     assert fuse_gelu_quant(bf16) == 0
-    sdxl = build_tiny_sdxl().unet  # FP8, but SDXL's feed-forwards are GEGLU
-    quantize_denoiser(sdxl, SDXL, "fp8")
+    sdxl = SDXL.build_tiny().unet  # FP8, but SDXL's feed-forwards are GEGLU
+    quantize_denoiser(sdxl, "fp8", SDXL.skips)
     assert fuse_gelu_quant(sdxl) == 0
 
 

@@ -14,13 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.errors import InvalidInput
-from app.families import FLUX, Family
+from app.families import Family
+from app.families.flux import FAMILY as FLUX
 from app.limits import MAX_IMAGES, MAX_OUTPUT_BYTES, MAX_PROMPT_CHARS, MAX_STEPS, output_bytes_bound
-from app.schema import MAX_SEED, JobInput, parse_job
+from app.schema import MAX_SEED, Job, parse_job
 
 EXAMPLES = 5000
 VALID = {"prompt": "a red sneaker on a beach", "width": 256, "height": 256, "num_inference_steps": 1, "seed": 1}
-FIELDS = set(JobInput.model_fields)
+FIELDS = set(Job.model_fields)
 
 # Values that are wrong for any field of a given type.
 not_int = st.one_of(st.floats(allow_nan=True), st.text(max_size=8), st.booleans(), st.lists(st.integers(), max_size=2),
@@ -113,7 +114,7 @@ def test_5000_malformed_inputs_are_refused_cleanly(tiny_flux_service, gpu_calls)
 
 
 def test_every_bound_is_a_named_limit_enforced_at_validation():
-    fam, d = FLUX, FLUX.tiny_defaults
+    fam = FLUX.tiny_variant()
     ok = dict(VALID)
     cases = [
         ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
@@ -123,17 +124,17 @@ def test_every_bound_is_a_named_limit_enforced_at_validation():
     ]
     for change, field in cases:
         with pytest.raises(InvalidInput) as info:
-            parse_job({**ok, **change}, fam, d)
+            parse_job({**ok, **change}, fam)
         assert info.value.field == field
     parse_job({**ok, "prompt": "x" * MAX_PROMPT_CHARS, "num_inference_steps": MAX_STEPS, "num_images": MAX_IMAGES},
-              fam, d)
+              fam)
 
 
 def test_pixels_per_image_bound():
     fam = Family(name="wide", pipeline_class="X", denoiser="unet", defaults=FLUX.defaults, max_side=4096,
                  max_pixels=2048 * 2048, negative_prompt=True)
     with pytest.raises(InvalidInput, match="more than 4194304 pixels") as info:
-        parse_job({"prompt": "a", "width": 4096, "height": 2048}, fam, fam.defaults)
+        parse_job({"prompt": "a", "width": 4096, "height": 2048}, fam)
     assert info.value.field == "height"
 
 
@@ -142,9 +143,9 @@ def test_total_output_bytes_bound_refuses_before_gpu_work():
     fam = Family(name="huge", pipeline_class="X", denoiser="unet", defaults=FLUX.defaults, max_side=4096,
                  max_pixels=4096 * 4096, negative_prompt=True)
     job = {"prompt": "a", "width": 4096, "height": 4096}
-    assert parse_job({**job, "num_images": 1}, fam, fam.defaults).num_images == 1
+    assert parse_job({**job, "num_images": 1}, fam).num_images == 1
     with pytest.raises(InvalidInput, match="output limit") as info:
-        parse_job({**job, "num_images": 4}, fam, fam.defaults)
+        parse_job({**job, "num_images": 4}, fam)
     assert info.value.field == "num_images"
     # every job a real family accepts fits: the bound never refuses a valid FLUX/SDXL job
     assert output_bytes_bound(FLUX.max_side, FLUX.max_side, MAX_IMAGES) <= MAX_OUTPUT_BYTES
@@ -155,7 +156,7 @@ def test_output_bytes_bound_holds_for_incompressible_images(fmt):
     import numpy as np
     from PIL import Image
 
-    from app.pipeline import encode_image
+    from app.outputs import encode_image
 
     for w, h in ((256, 256), (768, 1344)):
         noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))

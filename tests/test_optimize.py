@@ -20,14 +20,14 @@ from torch import nn
 
 from app.attention import set_attention
 from app.config import Settings
-from app.families import FLUX, SDXL
-from app.fp8 import E4M3_MAX, FP8, FP8Linear, fits_scaled_mm, quantize_rows, swap_linears
-from app.optimize import STEPS, Recipe, apply_recipe, choose_recipe, fuse_qkv, quantize_denoiser
-from app.plan import Plan, best_precision
-from app.tiny import build_tiny_flux, build_tiny_sdxl
-from bench.latency import _denoiser_inputs
+from app.families.flux import FAMILY as FLUX
+from app.families.sdxl import FAMILY as SDXL
+from weights.fp8 import E4M3 as FP8, E4M3_MAX, FP8Linear, fits_scaled_mm, quantize_rows, swap_linears
+from app.optimize import STEPS, Recipe, apply_recipe, choose_recipe
+from weights.quantize import fuse_qkv, is_torchao, quantize_denoiser
+from preflight.plan import Plan, best_precision
 
-FAMILIES = {"flux": (FLUX, build_tiny_flux), "sdxl": (SDXL, build_tiny_sdxl)}
+FAMILIES = {"flux": (FLUX, FLUX.build_tiny), "sdxl": (SDXL, SDXL.build_tiny)}
 FP8_RECIPE = Recipe(fuse_qkv=True, quantize="fp8")
 # What a call through the tiny pipelines costs least: 64x64 is 8x8 latents (16 FLUX tokens), 2 steps.
 CALL = dict(height=64, width=64, num_inference_steps=2, output_type="np")
@@ -218,7 +218,7 @@ def test_fp8_recipe_is_idempotent(name):
     types = {n: type(m) for n, m in d.named_modules()}
     state = {k: v.clone() for k, v in d.state_dict().items()}
     apply_recipe(pipe, family, FP8_RECIPE)
-    assert fuse_qkv(d) == 0 and quantize_denoiser(d, family, "fp8") == []
+    assert fuse_qkv(d) == 0 and quantize_denoiser(d, "fp8", family.skips) == []
     assert {n: type(m) for n, m in d.named_modules()} == types
     again = d.state_dict()
     assert again.keys() == state.keys()
@@ -227,18 +227,17 @@ def test_fp8_recipe_is_idempotent(name):
 
 
 def test_steps_run_in_the_documented_order():
-    """fuse before quantize (else the fused to_qkv would be born bf16), attention and channels_last
-    on the quantized model, compile after them (it traces the final modules), CUDA graphs last (they
+    """fuse before quantize (else the fused to_qkv would be born bf16), attention on the quantized
+    model, compile after them (it traces the final modules), CUDA graphs last (they
     record what compile produced)."""
-    assert [s[0] for s in STEPS] == ["fuse_qkv", "quantize", "attention", "channels_last", "compile", "cuda_graphs"]
+    assert [s[0] for s in STEPS] == ["fuse_qkv", "quantize", "attention", "compile", "cuda_graphs"]
     pipe, family = tiny("flux")
-    full = Recipe(fuse_qkv=True, quantize="fp8", attention="cudnn", vae_channels_last=True, compile="regional",
+    full = Recipe(fuse_qkv=True, quantize="fp8", attention="cudnn", compile="regional",
                   cuda_graphs=True, fuse_gelu_quant=True)
     applied = apply_recipe(pipe, family, full)  # compile only wraps the blocks; nothing runs here
     assert list(applied) == [s[0] for s in STEPS]
     block = pipe.transformer.transformer_blocks[0]
     assert isinstance(block.attn.to_qkv, FP8Linear) and block._compiled_call_impl is not None
-    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 # ---- fidelity ---------------------------------------------------------------------------------------
@@ -254,7 +253,7 @@ IMAGE_MEAN_ABS = 0.003
 @pytest.mark.parametrize("name", ["flux", "sdxl"])
 def test_fp8_denoiser_and_image_stay_close_to_full_precision(name):
     pipe, family = tiny(name)
-    inputs = _denoiser_inputs(pipe, name, size=64, text_len=16)
+    inputs = family.denoiser_inputs(pipe, 64, 64)
 
     def outputs():
         with torch.inference_mode():
@@ -380,7 +379,7 @@ def test_a_deep_copy_quantizes_like_the_original():
     """The bake quantizes a denoiser, the loader a fresh skeleton of it: same names, same codes."""
     pipe, family = tiny("flux")
     a, b = pipe.transformer, copy.deepcopy(pipe.transformer)
-    assert quantize_denoiser(a, family, "fp8") == quantize_denoiser(b, family, "fp8")
+    assert quantize_denoiser(a, "fp8", family.skips) == quantize_denoiser(b, "fp8", family.skips)
     for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
         assert k == k2 and torch.equal(v.view(torch.uint8), v2.view(torch.uint8)), k
 
@@ -389,20 +388,19 @@ def test_a_deep_copy_quantizes_like_the_original():
 def test_int8_recipe_quantizes_the_same_linears_and_stays_close(name):
     """The Ampere plan: torchao's dynamic INT8 on exactly the linears FP8 would take (same skip list),
     once (a second pass finds nothing), with an output as close as FP8's."""
-    from app.optimize import _is_torchao
 
     pipe, family = tiny(name)
-    inputs = _denoiser_inputs(pipe, name, size=64, text_len=16)
+    inputs = family.denoiser_inputs(pipe, 64, 64)
     d = den(pipe, family)
     with torch.inference_mode():
         ref = d(**inputs)[0].float()
-    fp8_names = quantize_denoiser(copy.deepcopy(d), family, "fp8")
+    fp8_names = quantize_denoiser(copy.deepcopy(d), "fp8", family.skips)
     applied = apply_recipe(pipe, family, Recipe(fuse_qkv=True, quantize="int8"))
     assert list(applied) == ["fuse_qkv", "quantize"]
-    int8 = sorted(n for n, m in d.named_modules() if isinstance(m, nn.Linear) and _is_torchao(m.weight))
+    int8 = sorted(n for n, m in d.named_modules() if isinstance(m, nn.Linear) and is_torchao(m.weight))
     assert int8 == sorted(fp8_names) and int8
-    assert not any(_is_torchao(m.weight) for n, m in d.named_modules() if isinstance(m, nn.Linear) and family.skips(n))
-    assert quantize_denoiser(d, family, "int8") == []
+    assert not any(is_torchao(m.weight) for n, m in d.named_modules() if isinstance(m, nn.Linear) and family.skips(n))
+    assert quantize_denoiser(d, "int8", family.skips) == []
     with torch.inference_mode():
         got = d(**inputs)[0].float()
     rel = ((got - ref).norm() / ref.norm()).item()
@@ -412,4 +410,4 @@ def test_int8_recipe_quantizes_the_same_linears_and_stays_close(name):
 def test_unknown_precision_is_refused():
     pipe, family = tiny("sdxl")
     with pytest.raises(ValueError, match="unknown precision 'fp4'"):
-        quantize_denoiser(pipe.unet, family, "fp4")
+        quantize_denoiser(pipe.unet, "fp4", family.skips)

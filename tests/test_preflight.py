@@ -17,7 +17,7 @@ import torch
 from app.config import Settings
 from preflight.gpu import GIB, GpuFacts, arch_served, check_arch, check_driver
 from preflight.precision import check_precision
-from preflight.resources import check_disk, check_storage, check_vram, disk_verdict, vram_need
+from preflight.resources import check_disk, check_storage, check_vram, disk_verdict
 from preflight.software import FIX, check_torchao, compare_pins, read_pins
 from tests.conftest import free_port
 
@@ -148,11 +148,20 @@ def test_pins_fail_on_a_torch_torchao_mismatch_and_warn_on_diffusers():
     assert compare_pins(PINS, dict(PINS, torch="2.11.0+cu130")).status == "ok"
 
 
+def inputs(settings: Settings):
+    """Preflight's plain inputs as the worker builds them from its settings and resolved model source."""
+    from app.checks import preflight_inputs
+    from app.source import resolve
+
+    return preflight_inputs(settings, resolve(settings.model, settings.revision, settings.hf_offline))
+
+
 # --- vram and disk ------------------------------------------------------------------------------------
 
 def test_vram_needs_the_family_estimate_for_the_plan(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    need, source = vram_need(Settings(model=str(tmp_path)), "bf16")
+    i = inputs(Settings(model=str(tmp_path)))
+    need, source = i.vram_need("bf16"), i.vram_source
     assert need == 36.0 and "flux" in source
     assert check_vram(card((9, 0), free_gib=20), need, source).status == "fail"
     assert check_vram(card((9, 0), free_gib=70), need, source).status == "ok"
@@ -160,7 +169,7 @@ def test_vram_needs_the_family_estimate_for_the_plan(tmp_path):
 
 
 def test_disk_measures_the_cache_folder_and_fails_when_short(tmp_path):
-    check = check_disk(Settings(cache_dir=str(tmp_path / "not" / "yet")))
+    check = check_disk(inputs(Settings(cache_dir=str(tmp_path / "not" / "yet"))))
     assert check.status == "ok" and str(tmp_path) in check.detail
     assert disk_verdict("caches", tmp_path, 0.5, 2.0).status == "fail"
     assert disk_verdict("weights", tmp_path, 10.0, 33.0, hard=False).status == "warn"
@@ -183,19 +192,19 @@ def use_credentials(monkeypatch, key_id: str | None, secret: str | None = None) 
 def test_storage_writes_and_removes_its_probe(bucket):
     import boto3
 
-    check = check_storage(Settings(output_uri=f"s3://{bucket}/results"))
+    check = check_storage(inputs(Settings(output_uri=f"s3://{bucket}/results")))
     assert check.status == "ok" and f"s3://{bucket}/results writable" == check.detail
     assert boto3.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
 
 def test_storage_names_a_missing_bucket(s3_env):
-    check = check_storage(Settings(output_uri="s3://no-such-bucket-here/out"))
+    check = check_storage(inputs(Settings(output_uri="s3://no-such-bucket-here/out")))
     assert check.status == "fail" and "NoSuchBucket" in check.detail and "does not exist" in check.detail
 
 
 def test_storage_names_an_unreachable_endpoint(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    check = check_storage(Settings(output_uri="s3://any/out"))
+    check = check_storage(inputs(Settings(output_uri="s3://any/out")))
     assert check.status == "fail" and "endpoint unreachable" in check.detail
 
 
@@ -207,13 +216,13 @@ def test_storage_names_missing_credentials(s3_env, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     use_credentials(monkeypatch, None)
-    check = check_storage(Settings(output_uri="s3://any/out"))
+    check = check_storage(inputs(Settings(output_uri="s3://any/out")))
     assert check.status == "fail" and "no credentials" in check.detail
 
 
 def test_storage_names_a_bad_local_folder(tmp_path):
     (tmp_path / "file").write_text("x")
-    check = check_storage(Settings(output_uri=str(tmp_path / "file" / "out")))
+    check = check_storage(inputs(Settings(output_uri=str(tmp_path / "file" / "out"))))
     assert check.status == "fail" and "not writable" in check.detail
 
 
@@ -221,13 +230,13 @@ def test_storage_names_wrong_credentials_and_access_denied(s3_auth, monkeypatch)
     bucket, key_id, secret = s3_auth
     settings = Settings(output_uri=f"s3://{bucket}/out")
     use_credentials(monkeypatch, "AKIANOTKNOWNANYWHERE")
-    check = check_storage(settings)
+    check = check_storage(inputs(settings))
     assert check.status == "fail" and "InvalidAccessKeyId" in check.detail
     use_credentials(monkeypatch, key_id)  # a real key id with the fixture's (wrong) secret
-    check = check_storage(settings)
+    check = check_storage(inputs(settings))
     assert check.status == "fail" and "SignatureDoesNotMatch" in check.detail
     use_credentials(monkeypatch, key_id, secret)  # the right keys of a user without any policy
-    check = check_storage(settings)
+    check = check_storage(inputs(settings))
     assert check.status == "fail" and "AccessDenied" in check.detail
 
 

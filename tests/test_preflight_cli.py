@@ -20,6 +20,14 @@ from app.config import Settings
 from app.errors import WorkerBroken
 from preflight.gpu import check_torch
 from preflight.runner import cpu_mode
+
+
+def inputs(settings: Settings):
+    """Preflight's plain inputs as the worker builds them from its settings and resolved model source."""
+    from app.checks import preflight_inputs
+    from app.source import resolve
+
+    return preflight_inputs(settings, resolve(settings.model, settings.revision, settings.hf_offline))
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,12 +36,12 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts what a ma
 
 def test_cpu_mode_is_decided_by_device_and_model():
     tiny = Settings(model="tiny-flux")
-    assert cpu_mode(Settings(device="cpu"), None, torch) == "DEVICE=cpu"
-    assert cpu_mode(tiny, False, torch) is None and cpu_mode(tiny, True, torch)
-    assert cpu_mode(Settings(model="black-forest-labs/FLUX.1-dev"), None, torch) is None
-    assert cpu_mode(Settings(model="tiny-flux", device="cuda"), None, torch) is None
+    assert cpu_mode(inputs(Settings(device="cpu")), None, torch) == "DEVICE=cpu"
+    assert cpu_mode(inputs(tiny), False, torch) is None and cpu_mode(inputs(tiny), True, torch)
+    assert cpu_mode(preflight.Inputs(model_label="black-forest-labs/FLUX.1-dev"), None, torch) is None  # a hub model
+    assert cpu_mode(inputs(Settings(model="tiny-flux", device="cuda")), None, torch) is None
     if not torch.cuda.is_available():
-        assert "no GPU" in cpu_mode(tiny, None, torch)
+        assert "no GPU" in cpu_mode(inputs(tiny), None, torch)
 
 
 def test_a_crashing_check_is_a_failed_check_not_a_crashed_preflight():
@@ -44,7 +52,7 @@ def test_a_crashing_check_is_a_failed_check_not_a_crashed_preflight():
 
 
 def test_cpu_run_skips_gpu_checks_and_plans_fp32(tmp_path):
-    report = preflight.run(Settings(output_uri=str(tmp_path), cache_dir=str(tmp_path)), cpu=True)
+    report = preflight.run(inputs(Settings(output_uri=str(tmp_path), cache_dir=str(tmp_path))), cpu=True)
     assert report.ok and (report.plan.device, report.plan.precision) == ("cpu", "fp32")
     statuses = {c.id: c.status for c in report.checks}
     assert list(statuses) == ["torch", "cuda", "driver", "arch", "cudnn", "precision", "torchao", "pins", "vram",
@@ -54,7 +62,7 @@ def test_cpu_run_skips_gpu_checks_and_plans_fp32(tmp_path):
     table = report.table()
     assert "preflight OK: 0 failed" in table and "plan: fp32 on cpu" in table
     assert all(f"{c.id} " in table for c in report.checks)
-    refused = preflight.run(Settings(output_uri=str(tmp_path), precision="fp8"), cpu=True)
+    refused = preflight.run(inputs(Settings(output_uri=str(tmp_path), precision="fp8")), cpu=True)
     assert not refused.ok and refused.failures().startswith("precision: PRECISION=fp8 needs a GPU")
 
 

@@ -3,12 +3,13 @@
 import pytest
 
 from app.errors import InvalidInput
-from app.families import FLUX, SDXL
+from app.families.flux import FAMILY as FLUX
+from app.families.sdxl import FAMILY as SDXL
 from app.schema import MAX_SEED, JobError, JobResult, parse_job
 
 
 def parse(raw, family=SDXL):
-    return parse_job(raw, family, family.defaults)
+    return parse_job(raw, family)
 
 
 def refused(raw, family=SDXL) -> InvalidInput:
@@ -26,7 +27,7 @@ def test_defaults_come_from_the_family():
         assert (job.width, job.height, job.num_inference_steps, job.guidance_scale) == (
             d.width, d.height, d.steps, d.guidance)
         assert (job.num_images, job.output_format, job.output_quality, job.negative_prompt) == (1, "png", 90, None)
-        assert job.max_sequence_length == d.max_sequence_length
+        assert fam.call_kwargs(job).get("max_sequence_length") == d.max_sequence_length
 
 
 def test_given_values_are_kept():

@@ -13,7 +13,7 @@ FAST = {"num_inference_steps": 2}
 def using(service: Service, **settings) -> Service:
     """The session's loaded pipeline under other settings (loading again would cost seconds)."""
     new = service.settings.model_copy(update=settings)
-    return Service(service.pipe, service.family, new, service.plan, service.store, {})
+    return Service(service.pipe, service.source, new, service.plan, service.store, {})
 
 
 def test_result_shape(tiny_flux_service):
@@ -58,7 +58,7 @@ def test_cold_start_is_reported_on_the_first_result_only(tmp_path):
     first = service.run({"prompt": "a cat", "seed": 1, **FAST}, "cold-1")
     second = service.run({"prompt": "a cat", "seed": 1, **FAST}, "cold-2")
     cold = first["cold_start"]
-    assert set(cold) == {"preflight_ms", "store_ms", "weights_ms", "optimize_ms", "compile_cache_ms", "warmup_ms",
+    assert set(cold) == {"source_ms", "preflight_ms", "store_ms", "weights_ms", "optimize_ms", "compile_cache_ms", "warmup_ms",
                          "load_total_ms"}
     assert cold["weights_ms"] > 0 and cold["warmup_ms"] > 0
     assert cold["load_total_ms"] >= sum(v for k, v in cold.items() if k != "load_total_ms") - 1

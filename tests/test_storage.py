@@ -16,7 +16,7 @@ FAST = {"num_inference_steps": 2}
 
 def using(service: Service, store) -> Service:
     """The session's loaded pipeline, writing to another store (loading again would cost seconds)."""
-    return Service(service.pipe, service.family, service.settings, service.plan, store, {})
+    return Service(service.pipe, service.source, service.settings, service.plan, store, {})
 
 
 def test_key_layout():

@@ -8,16 +8,15 @@ import shutil
 import pytest
 import torch
 
-from app.families import FLUX
-from app.fp8 import FP8Linear, quantize_rows
-from app.optimize import quantize_denoiser
-from app.plan import Plan
+from app.families.flux import FAMILY as FLUX
+from weights.fp8 import FP8Linear, quantize_rows
+from weights.quantize import quantize_denoiser
 from weights import manifest as mf
-from weights.bake import bake
+from weights.__main__ import bake
 from weights.errors import IntegrityError
-from weights.load import load_baked
+from weights.load import Target, load_baked
 
-CPU = Plan("cpu", "fp32")
+CPU = Target("cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +73,9 @@ def test_baked_structure_follows_the_skip_list(baked):
 
 def test_baked_tensors_are_the_per_row_quantization_of_the_source(baked):
     """The stored codes and scales are exactly `quantize_rows` of the bf16 source's fused weight."""
-    from app.tiny import build_tiny_flux
+    from app.families.flux import FAMILY as FLUX
 
-    src = build_tiny_flux().transformer.to(torch.bfloat16).state_dict()
+    src = FLUX.build_tiny().transformer.to(torch.bfloat16).state_dict()
     qkv = torch.cat([src[f"transformer_blocks.0.attn.to_{p}.weight"] for p in "qkv"])
     codes, scale = quantize_rows(qkv)
     layer = load_baked(baked, CPU).transformer.transformer_blocks[0].attn.to_qkv
@@ -85,9 +84,9 @@ def test_baked_tensors_are_the_per_row_quantization_of_the_source(baked):
 
 
 def test_baked_fp8_output_close_to_bf16_source(baked):
-    from app.tiny import build_tiny_flux
+    from app.families.flux import FAMILY as FLUX
 
-    src = build_tiny_flux().transformer.to(torch.bfloat16).float()  # the source as baked (bf16 weights)
+    src = FLUX.build_tiny().transformer.to(torch.bfloat16).float()  # the source as baked (bf16 weights)
     fp8 = load_baked(baked, CPU).transformer
     with torch.no_grad():
         ref, out = src(**transformer_inputs()).sample, fp8(**transformer_inputs()).sample
@@ -99,10 +98,13 @@ def test_baked_fp8_output_close_to_bf16_source(baked):
 
 
 def test_baked_pipeline_generates_through_load_pipeline(baked):
-    from app.pipeline import load_pipeline
+    from app.loading import load_pipeline
+    from app.source import resolve
+    from preflight import Plan
 
-    pipe, family = load_pipeline(str(baked), CPU)
-    assert family is FLUX
+    source = resolve(str(baked))
+    pipe = load_pipeline(source, Plan("cpu", "fp32"))
+    assert source.kind == "baked" and source.family.name == FLUX.name and source.tiny
     image = pipe(prompt="a red cat", width=256, height=256, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 256, 256, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
@@ -111,7 +113,7 @@ def test_quantize_is_idempotent_on_a_baked_denoiser(baked):
     t = load_baked(baked, CPU).transformer
     before = {k: v.clone() for k, v in t.state_dict().items()}
     modules = {n: type(m) for n, m in t.named_modules()}
-    assert quantize_denoiser(t, FLUX, "fp8") == []
+    assert quantize_denoiser(t, "fp8", FLUX.skips) == []
     after = t.state_dict()
     assert modules == {n: type(m) for n, m in t.named_modules()} and before.keys() == after.keys()
     assert all(before[k].dtype == after[k].dtype and torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8))
@@ -120,12 +122,12 @@ def test_quantize_is_idempotent_on_a_baked_denoiser(baked):
 
 def test_quantize_denoiser_runs_on_meta_and_matches_the_real_structure():
     """The loader's skeleton: the same function on meta tensors gives the same names, shapes, dtypes."""
-    from app.tiny import build_tiny_flux
+    from app.families.flux import FAMILY as FLUX
 
-    real = build_tiny_flux().transformer.to(torch.bfloat16)
+    real = FLUX.build_tiny().transformer.to(torch.bfloat16)
     with torch.device("meta"):
         meta = type(real).from_config(real.config).to(torch.bfloat16)
-    assert quantize_denoiser(real, FLUX, "fp8") == quantize_denoiser(meta, FLUX, "fp8")
+    assert quantize_denoiser(real, "fp8", FLUX.skips) == quantize_denoiser(meta, "fp8", FLUX.skips)
     sig = lambda m: {k: (v.dtype, tuple(v.shape)) for k, v in m.state_dict().items()}  # noqa: E731
     assert sig(real) == sig(meta) and all(v.is_meta for v in meta.state_dict().values())
 
@@ -136,7 +138,7 @@ def test_linears_that_scaled_mm_cannot_run_stay_unquantized():
 
     net = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 24), torch.nn.Linear(24, 16))
     fam = Family("t", "X", "unet", Defaults(256, 256, 1, 1.0))
-    assert quantize_denoiser(net, fam, "fp8") == ["0"]
+    assert quantize_denoiser(net, "fp8", fam.skips) == ["0"]
     assert [type(m).__name__ for m in net] == ["FP8Linear", "Linear", "Linear"]
 
 
@@ -190,7 +192,7 @@ def test_truncated_shard_fails_naming_the_file(copy):
 
 
 def test_truncated_shard_without_manifest_check_fails_in_reader(copy):
-    from weights.load import load_denoiser
+    from weights.load import Target, load_denoiser
 
     path = shard(copy)
     path.write_bytes(path.read_bytes()[:-100])
@@ -265,7 +267,7 @@ def service(model: str, tmp_path):
 def test_service_takes_defaults_from_the_baked_source_not_the_path(baked, tmp_path):
     """MODEL=<baked tiny-flux dir>: the tiny defaults (256x256, 4 steps), as in the container test."""
     svc = service(str(baked), tmp_path)
-    assert svc.pipe.source_model == "tiny-flux" and svc.defaults == FLUX.tiny_defaults
+    assert svc.source.id == "tiny-flux" and svc.family.defaults == FLUX.tiny_defaults
     result = svc.run({"prompt": "a red cat", "seed": 1}, "job-1")
     assert "error" not in result, result
     assert (result["images"][0]["width"], result["images"][0]["height"]) == (256, 256)
@@ -273,11 +275,11 @@ def test_service_takes_defaults_from_the_baked_source_not_the_path(baked, tmp_pa
 
 def test_a_plain_directory_keeps_the_family_defaults(tmp_path):
     """The control: without a manifest the directory is the source, so FLUX.1's own defaults apply."""
-    from app.tiny import build_tiny_flux
+    from app.families.flux import FAMILY as FLUX
 
-    build_tiny_flux().save_pretrained(tmp_path / "plain")
+    FLUX.build_tiny().save_pretrained(tmp_path / "plain")
     svc = service(str(tmp_path / "plain"), tmp_path)
-    assert svc.pipe.source_model == str(tmp_path / "plain") and svc.defaults == FLUX.defaults
+    assert svc.source.id == str(tmp_path / "plain") and svc.family.defaults == FLUX.defaults
 
 
 def test_a_v1_manifest_torchao_layout_is_refused_with_the_fix(copy):

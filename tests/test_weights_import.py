@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from app.fp8 import FP8Linear, quantize_rows
-from app.plan import Plan
+from weights.fp8 import FP8Linear, quantize_rows
 from tests.weights_fixtures import COMFY, DETECTED, FORMATS, rewrite, tiny_transformer, write
 from weights import flux_keys
 from weights import manifest as mf
 from weights.errors import BadScale, MissingScale, UnknownFormat
 from weights.importer import import_checkpoint
-from weights.load import load_denoiser
+from app.families.flux import FAMILY as FLUX
+from weights.load import Target, load_denoiser
 
-CPU = Plan("cpu", "fp32")
+CPU = Target("cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,14 @@ def _import(tmp_path, fmt, source, edit=None):
     if edit:
         rewrite(src, edit)
     out = tmp_path / "imported"
-    return import_checkpoint(src, "flux", out, config=cfg), out, written
+    return import_checkpoint(src, FLUX, out, config=cfg), out, written
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_import_keeps_codes_and_scales(tmp_path, fmt, source):
     manifest, out, written = _import(tmp_path, fmt, source)
     assert manifest["source"]["format"] == DETECTED[fmt]
-    denoiser = load_denoiser(out, mf.read(out), CPU)
+    denoiser = load_denoiser(out, mf.read(out), CPU)[0]
     attn = denoiser.transformer_blocks[0].attn
     assert attn.fused_projections and not hasattr(attn, "to_q")
     # Dequantized imported weight == the published codes x scale, exactly (no re-quantization).
@@ -76,7 +76,7 @@ def test_import_keeps_codes_and_scales(tmp_path, fmt, source):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_imported_forward_matches_source(tmp_path, fmt, source):
     _, out, _ = _import(tmp_path, fmt, source)
-    denoiser = load_denoiser(out, mf.read(out), CPU)
+    denoiser = load_denoiser(out, mf.read(out), CPU)[0]
     # FP8 weights on a 32-wide model (FP8Linear's CPU path: codes x scale); measured 0.061 per-tensor,
     # 0.036 per-channel scales; the noise control below is 0.55.
     assert rel_err(denoiser, source[0]) < 0.10
@@ -85,7 +85,7 @@ def test_imported_forward_matches_source(tmp_path, fmt, source):
 def test_modulation_layers_come_back_high_precision(tmp_path, source):
     _, out, written = _import(tmp_path, "comfyui-legacy", source)
     assert "double_blocks.0.img_mod.lin.weight" in written  # the publisher quantized it...
-    denoiser = load_denoiser(out, mf.read(out), CPU)
+    denoiser = load_denoiser(out, mf.read(out), CPU)[0]
     w = denoiser.transformer_blocks[0].norm1.linear.weight  # ...our skip list dequantizes it
     assert type(w) is torch.nn.Parameter and w.dtype == torch.float32
     codes, scale = written["double_blocks.0.img_mod.lin.weight"]
@@ -155,7 +155,7 @@ def test_per_block_scales_are_dequantized(tmp_path, source):
     manifest, out, _ = _import(tmp_path, "ct-tensor", source, edit=per_block)
     assert manifest["source"]["scales"]["per-block"] == 1
     assert manifest["recipe"]["kept_bit_for_bit"] == 13 and manifest["recipe"]["requantized_per_row"] == 1
-    denoiser = load_denoiser(out, mf.read(out), CPU)
+    denoiser = load_denoiser(out, mf.read(out), CPU)[0]
     layer = denoiser.transformer_blocks[0].ff.net[0].proj
     # Per-block is not per-row: codes x block scale (exact, fp32), then re-quantized per row.
     codes, scale = quantize_rows(expected["w"])

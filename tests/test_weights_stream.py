@@ -8,15 +8,24 @@ import boto3
 import pytest
 import torch
 
-from app.families import FLUX
-from app.fp8 import FP8Linear
-from app.plan import Plan
-from weights.bake import bake
+from app.families.flux import FAMILY as FLUX
+from weights.fp8 import FP8Linear
+from weights.__main__ import bake
 from weights.errors import IntegrityError
-from weights.load import load_baked
-from weights.stream import stream_baked
+from weights.load import Target, load_baked
+from weights.stream import WORKERS, read_manifest, stream_baked as _stream_baked
 
-CPU = Plan("cpu", "fp32")
+CPU = Target("cpu", torch.float32)
+
+
+def stream_baked(uri: str, target: Target, cache_dir):
+    """The weights package's stream of the baked directory at `uri`, as app.loading drives it."""
+    from app.storage import describe_s3_error, parse_s3_uri, s3_client
+
+    bucket, prefix = parse_s3_uri(uri)
+    client = s3_client(max_pool_connections=WORKERS)
+    manifest = read_manifest(client, bucket, prefix, describe_s3_error)
+    return _stream_baked(client, bucket, prefix, manifest, target, cache_dir, describe_s3_error)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +69,8 @@ def test_stream_loads_a_working_pipeline(baked, bucket, tmp_path, monkeypatch):
     assert len(list((baked / "transformer").glob("*.safetensors"))) > 2
     assert max(len(f["chunks"]) for f in mf.read(baked)["files"].values()) > 2
     upload(baked, bucket, "models/tiny")
-    pipe, family = stream_baked(f"s3://{bucket}/models/tiny", CPU, tmp_path / "cache")
-    assert family.name == "flux"
+    pipe = stream_baked(f"s3://{bucket}/models/tiny", CPU, tmp_path / "cache")
+    assert type(pipe).__name__ == FLUX.pipeline_class
     layer = pipe.transformer.transformer_blocks[0].attn.to_qkv
     assert isinstance(layer, FP8Linear) and layer.weight.dtype == torch.float8_e4m3fn
     local = load_baked(baked, CPU).transformer.state_dict()  # the same bytes as the local load
@@ -82,7 +91,7 @@ def test_service_streams_from_weights_uri(baked, bucket, tmp_path):
     assert type(svc.pipe.transformer.proj_out.weight) is torch.nn.Parameter
     assert isinstance(svc.pipe.transformer.transformer_blocks[0].ff.net[2], FP8Linear)
     # The manifest's source decides the defaults: a streamed tiny-flux is still the tiny model.
-    assert svc.pipe.source_model == "tiny-flux" and svc.defaults == FLUX.tiny_defaults
+    assert svc.source.id == "tiny-flux" and svc.family.defaults == FLUX.tiny_defaults
 
 
 def test_truncated_object_fails_before_loading(baked, bucket, tmp_path):
@@ -129,7 +138,7 @@ def test_stream_through_the_bench_endpoint(baked, tmp_path, monkeypatch):
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "bench")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "bench")
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        pipe, _ = stream_baked(f"s3://bench/{baked.name}", CPU, tmp_path / "cache")
+        pipe = stream_baked(f"s3://bench/{baked.name}", CPU, tmp_path / "cache")
         local = load_baked(baked, CPU).transformer.state_dict()
         streamed = pipe.transformer.state_dict()
         assert all(torch.equal(streamed[k].view(torch.uint8), local[k].view(torch.uint8)) for k in local)
@@ -144,9 +153,15 @@ def test_the_stream_client_keeps_a_connection_per_thread(baked, bucket, tmp_path
     # botocore keeps 10 connections by default; the stream's 16 threads would reconnect per chunk.
     import weights.stream as stream
 
+    import app.storage
+    from app.loading import load_pipeline
+    from app.source import resolve
+    from preflight import Plan
+
     made = []
-    real = stream.s3_client
-    monkeypatch.setattr(stream, "s3_client", lambda **kw: made.append(real(**kw)) or made[-1])  # a spy
+    real = app.storage.s3_client
+    monkeypatch.setattr(app.storage, "s3_client", lambda **kw: made.append(real(**kw)) or made[-1])  # a spy
     upload(baked, bucket, "models/pool")
-    stream_baked(f"s3://{bucket}/models/pool", CPU, tmp_path / "cache")
-    assert [c.meta.config.max_pool_connections for c in made] == [stream.WORKERS]
+    source = resolve("tiny-flux", weights_uri=f"s3://{bucket}/models/pool")  # reads the manifest
+    load_pipeline(source, Plan("cpu", "fp32"), str(tmp_path / "cache"))  # streams the rest
+    assert made and [c.meta.config.max_pool_connections for c in made] == [stream.WORKERS] * len(made)

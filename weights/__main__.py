@@ -1,6 +1,8 @@
 """python -m weights {bake,import,inspect,verify}: the offline side of the weights.
 
 Exit status 0 on success, 2 when the weights are unusable (the error names the tensor or file).
+An entrypoint: `bake` and `import` resolve the model and its family through the worker (app); the
+library modules of this package never import app.
 """
 
 from __future__ import annotations
@@ -8,6 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+
+def _importable() -> list[str]:
+    from app.families import FAMILIES
+
+    return sorted(name for name, fam in FAMILIES.items() if fam.checkpoint_keys is not None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--offline", action="store_true", help="no downloads (HF_HUB_OFFLINE semantics)")
     i = sub.add_parser("import", help="convert a single-file FP8 checkpoint (ComfyUI, compressed-tensors)")
     i.add_argument("src")
-    i.add_argument("--family", required=True, choices=("flux",))
+    i.add_argument("--family", required=True, choices=_importable(),
+                   help="the model family whose single-file key names the checkpoint uses")
     i.add_argument("--out", required=True)
     i.add_argument("--config", help="the transformer's config.json (inferred for FLUX.1 geometry if absent)")
     i.add_argument("--base", help="local diffusers directory providing the other components (VAE, encoders)")
@@ -33,20 +42,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def bake(model: str, out: str, precision: str = "fp8", revision: str | None = None, offline: bool = False,
+         device: str | None = None) -> dict:
+    """Bake MODEL (hub id, diffusers folder, tiny-<family>) into `out`; return the manifest."""
+    from app.loading import source_pipeline
+    from app.source import resolve
+    from weights.bake import bake_pipeline
+
+    source = resolve(model, revision, offline)
+    return bake_pipeline(source_pipeline(source), source.family, out, precision,
+                         {"id": source.id, "revision": source.revision}, device)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from app.errors import WorkerBroken
     from weights.errors import WeightsError
 
     try:
         if args.command == "bake":
-            from weights.bake import bake
-
             m = bake(args.model, args.out, args.precision, args.revision, args.offline, args.device)
             out = {"out": args.out, "recipe": m["recipe"], "weights_bytes": m["weights_bytes"]}
         elif args.command == "import":
+            from app.families import family_named
             from weights.importer import import_checkpoint
 
-            m = import_checkpoint(args.src, args.family, args.out, args.config, args.base)
+            m = import_checkpoint(args.src, family_named(args.family), args.out, args.config, args.base)
             out = {"out": args.out, "source": m["source"], "quantized_layers": m["recipe"]["quantized_layers"]}
         elif args.command == "inspect":
             from weights.inspect import inspect_path
@@ -56,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             from weights.manifest import verify
 
             out = verify(args.dir)
-    except WeightsError as e:
+    except (WeightsError, WorkerBroken) as e:
         print(json.dumps({"ok": False, "error": e.type, "message": e.message}), file=sys.stderr)
         return 2
     print(json.dumps(out, indent=1, default=str))

@@ -1,18 +1,21 @@
-"""Typed weight errors. All of them break the worker: serving from bad weights means noise.
+"""Typed weight errors. A worker given such weights is broken: serving from bad weights means noise.
 
 Each message names the tensor or file and the format seen, so an operator can tell a corrupt
-upload from an unsupported checkpoint without reading a traceback.
+upload from an unsupported checkpoint without reading a traceback. This package stands below the
+worker (`app`): the worker turns these into its own WorkerBroken where it loads.
 """
 
 from __future__ import annotations
 
-from app.errors import WorkerBroken
 
-
-class WeightsError(WorkerBroken):
-    """Base class: the weights cannot be used as they are."""
+class WeightsError(Exception):
+    """Base class: the weights cannot be used as they are. `type` is the machine-readable kind."""
 
     type = "weights_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 class MissingScale(WeightsError):

@@ -2,7 +2,7 @@
 
 The importer writes a baked directory directly, in the format `bake` writes (FP8Linear: e4m3
 `weight` + fp32 per-row `weight_scale`), with the layer structure decided by the same
-`app.optimize.quantize_denoiser` applied to the meta skeleton, so the loader and the stream treat
+`weights.quantize.quantize_denoiser` applied to the meta skeleton, so the loader and the stream treat
 it identically. Per layer:
   - published codes with per-tensor or per-channel e4m3 scales -> kept bit for bit: a per-tensor
     scale is the same value on every row, so it is exactly a per-row scale. Key names are mapped
@@ -10,13 +10,14 @@ it identically. Per layer:
     and fused QKV is the concatenation of both (rows keep their own scale).
   - per-block scales or e5m2 codes (granularity or format that is not per-row e4m3), and layers
     the publisher left in high precision -> dequantized exactly in fp32, then re-quantized per row
-    (`app.fp8.quantize_rows`, what `bake` does to a bf16 weight).
+    (`weights.fp8.quantize_rows`, what `bake` does to a bf16 weight).
   - layers our recipe keeps in high precision (embedders, final projection, norm/modulation)
     -> dequantized (codes x scale) to bf16 if the publisher quantized them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -24,17 +25,15 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from app.families import FAMILIES, Family
-from app.fp8 import FP8, FP8Linear, quantize_rows
-from weights import flux_keys, formats
+from weights import formats
 from weights import manifest as mf
-from weights.bake import RECIPES
+from weights.bake import RECIPES, BakeSpec
+from weights.fp8 import E4M3, FP8Linear, quantize_rows
 from weights.errors import UnknownFormat
 from weights.load import skeleton
+from weights.quantize import FUSED
 from weights.serialize import write_denoiser
 
-# (fused module, its parts) inside an attention module, as diffusers' fuse_projections builds them.
-_FUSE = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
 
 
 def infer_flux_config(plain: dict, codes: dict) -> dict:
@@ -69,7 +68,7 @@ def _fuse(values: dict, scales: dict, quant: set) -> None:
     """Concatenate to_q/k/v (and the added ones) into the fused projections, codes and scales alike."""
     prefixes = {k.rsplit(".", 2)[0] for k in values if k.endswith(".to_q.weight")}
     for attn in sorted(prefixes):
-        for fused, parts in _FUSE:
+        for fused, parts in FUSED.items():
             names = [f"{attn}.{p}.weight" for p in parts]
             if not all(n in values for n in names):
                 continue
@@ -90,7 +89,7 @@ def _dequant(t: torch.Tensor, scale, is_codes: bool) -> torch.Tensor:
     return t.view(torch.float8_e4m3fn).to(torch.float32) * scale
 
 
-def convert(ckpt: formats.Checkpoint, config: dict, fp8_layers: set[str]) -> tuple[dict, int, int]:
+def convert(ckpt: formats.Checkpoint, config: dict, fp8_layers: set[str], flux_keys) -> tuple[dict, int, int]:
     """(state dict for the baked skeleton, FP8 layers kept bit for bit, FP8 layers re-quantized per row).
 
     `fp8_layers`: the skeleton's FP8Linear module names (what `quantize_denoiser` swapped).
@@ -110,7 +109,7 @@ def convert(ckpt: formats.Checkpoint, config: dict, fp8_layers: set[str]) -> tup
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in fp8_layers:
             if name in quant:  # per-row e4m3 codes: bit for bit
-                state[name], state[f"{module}.weight_scale"] = t.view(FP8), d_scales[name].to(torch.float32)
+                state[name], state[f"{module}.weight_scale"] = t.view(E4M3), d_scales[name].to(torch.float32)
                 kept += 1
             else:  # high precision in the file (or dequantized per-block/e5m2): re-quantize per row
                 state[name], state[f"{module}.weight_scale"] = quantize_rows(t.float())
@@ -122,12 +121,12 @@ def convert(ckpt: formats.Checkpoint, config: dict, fp8_layers: set[str]) -> tup
     return state, kept, requantized
 
 
-def import_checkpoint(src: str | Path, family: str, out: str | Path, config: str | Path | None = None,
+def import_checkpoint(src: str | Path, fam: BakeSpec, out: str | Path, config: str | Path | None = None,
                       base: str | Path | None = None) -> dict:
-    """Write a baked directory (denoiser only, or a full pipeline with `base`) from `src`."""
-    fam = FAMILIES.get(family)
-    if fam is None or fam.name != "flux":
-        raise UnknownFormat(f"import supports the flux family only, not {family!r}")
+    """Write a baked directory (denoiser only, or a full pipeline with `base`) from `src` for family `fam`."""
+    if getattr(fam, "checkpoint_keys", None) is None:
+        raise UnknownFormat(f"import does not know the {fam.name} family's checkpoint key names")
+    flux_keys = importlib.import_module(fam.checkpoint_keys)
     ckpt = formats.read(src)
     cfg = read_config(config) if config else infer_flux_config(ckpt.plain, ckpt.codes)
     out = Path(out)
@@ -135,9 +134,9 @@ def import_checkpoint(src: str | Path, family: str, out: str | Path, config: str
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / fam.denoiser).mkdir(parents=True)
     (tmp / fam.denoiser / "config.json").write_text(json.dumps(cfg))
-    model = skeleton(tmp / fam.denoiser, fam, "fp8", torch.bfloat16)
+    model = skeleton(tmp / fam.denoiser, "fp8", fam.skips, torch.bfloat16)
     fp8_layers = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
-    state, kept, requantized = convert(ckpt, cfg, fp8_layers)
+    state, kept, requantized = convert(ckpt, cfg, fp8_layers, flux_keys)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -163,7 +162,7 @@ def import_checkpoint(src: str | Path, family: str, out: str | Path, config: str
     return manifest
 
 
-def _copy_base(base: Path, out: Path, fam: Family) -> None:
+def _copy_base(base: Path, out: Path, fam: BakeSpec) -> None:
     """The other pipeline components and model_index.json from a local diffusers (or baked) directory."""
     if not (base / "model_index.json").is_file():
         raise UnknownFormat(f"--base {base}: not a diffusers pipeline directory (no model_index.json)")

@@ -1,38 +1,56 @@
 """Load a baked directory: denoiser skeleton on the meta device, stored tensors straight in.
 
 The skeleton is built from the denoiser's config.json on the meta device and given the baked
-structure by the same `app.optimize.quantize_denoiser` the bake ran (fused QKV, `FP8Linear` on the
-quantized linears), so its state_dict names and dtypes are those of the files. `weights.reader` then puts each stored
-tensor (FP8 codes, float32 scales, bf16 norms and biases) on the target device (parallel reads into
-pinned buffers, asynchronous copies) and one `load_state_dict(strict=True, assign=True)` swaps them
-in. No bf16 copy of a quantized weight ever exists and nothing is re-quantized: VRAM peaks at the
-FP8 size, host RAM at the reader's staging buffers (8 x 64 MiB).
-The other components (VAE, text encoders) are ordinary diffusers folders, loaded by the pipeline.
+structure by the same `weights.quantize.quantize_denoiser` the bake ran, with the skip list the
+manifest recorded (fused QKV, `FP8Linear` on the quantized linears), so its state_dict names and
+dtypes are those of the files. `weights.reader` then puts each stored tensor on the target device
+(parallel reads into pinned buffers, asynchronous copies) and one `load_state_dict(strict=True,
+assign=True)` swaps them in: no bf16 copy of a quantized weight ever exists and nothing is
+re-quantized. Everything here reads the manifest, not a model family: the worker maps the result
+to its family. The other components (VAE, text encoders) are ordinary diffusers folders.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from loguru import logger
 
-from app.families import FAMILIES, Family
-from app.plan import Plan
 from weights import manifest as mf
 from weights.errors import IntegrityError
+from weights.quantize import fuse_qkv, quantize_denoiser, skip_patterns
 from weights.reader import read_shards
 from weights.serialize import is_subclass, shard_names, unflatten
 
 Shard = tuple[str, dict, dict]  # (name, tensors, safetensors metadata)
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def skeleton(folder: Path, family: Family, precision: str, dtype: torch.dtype = torch.bfloat16,
-             fused: bool = True):
+@dataclass(frozen=True)
+class Target:
+    """Where and how a baked model is loaded: the device string, the dtype of its plain floats, and the
+    GPU's compute capability (None on a CPU), against which a baked precision is checked."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    capability: tuple[int, int] | None = None
+    precision: str | None = None  # what the worker planned; a different baked one is used as it is, with a warning
+
+
+@dataclass
+class LoadTimes:
+    """Seconds spent building the meta skeleton and reading + assigning the stored tensors."""
+
+    skeleton_s: float = 0.0
+    tensors_s: float = 0.0
+
+
+def skeleton(folder: Path, precision: str, skip, dtype: torch.dtype = torch.bfloat16, fused: bool = True):
     """The baked denoiser's module structure, every tensor on the meta device, in `dtype`.
 
     fp8: fused QKV + FP8Linear exactly where the bake put them (same function, same skip list).
@@ -40,15 +58,13 @@ def skeleton(folder: Path, family: Family, precision: str, dtype: torch.dtype = 
     """
     import diffusers
 
-    from app.optimize import fuse_qkv, quantize_denoiser
-
     config = json.loads((folder / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
     with torch.device("meta"):
         model = cls.from_config(config)
     model.to(dtype)
     if precision == "fp8":
-        quantize_denoiser(model, family, "fp8")
+        quantize_denoiser(model, "fp8", skip)
     elif fused:
         fuse_qkv(model)
     return model
@@ -61,7 +77,7 @@ def _place(key: str, t: torch.Tensor, like: torch.Tensor, device: str, name: str
     if is_subclass(t):  # an int8 bake's torchao tensor: its own dtype
         return t.to(device)
     floats = t.is_floating_point() and like.is_floating_point()
-    if t.dtype != like.dtype and (t.dtype in _FP8 or like.dtype in _FP8 or not floats):
+    if t.dtype != like.dtype and (t.dtype in FP8_DTYPES or like.dtype in FP8_DTYPES or not floats):
         raise IntegrityError(f"{name}: tensor {key} is {t.dtype}, the denoiser expects {like.dtype} "
                              "(baked with another precision or recipe?)")
     if tuple(t.shape) != tuple(like.shape):
@@ -106,90 +122,78 @@ def local_shards(folder: Path, device: str) -> Iterator[Shard]:
     yield from read_shards([folder / n for n in names], device, [f"{folder.name}/{n}" for n in names])
 
 
-def load_denoiser(root: Path, manifest: dict, plan: Plan, shards: Iterable[Shard] | None = None,
-                  times: dict | None = None):
-    """The baked denoiser on plan.device; `shards` defaults to the local files. `times`, when given,
-    receives the seconds spent building the skeleton and reading + assigning the tensors."""
+def load_denoiser(root: Path, manifest: dict, target: Target, shards: Iterable[Shard] | None = None
+                  ) -> tuple[torch.nn.Module, LoadTimes]:
+    """(the baked denoiser on target.device, its load times); `shards` defaults to the local files."""
     folder = Path(root) / manifest["denoiser"]
     t0 = time.perf_counter()
-    model = skeleton_of(root, manifest, plan)
+    model = skeleton_of(root, manifest, target.dtype)
     t1 = time.perf_counter()
-    device = _device(plan)
-    model = fill(model, shards if shards is not None else local_shards(folder, device), device)
-    if plan.device == "cuda":
+    model = fill(model, shards if shards is not None else local_shards(folder, target.device), target.device)
+    if target.device.startswith("cuda"):
         torch.cuda.synchronize()
-    if times is not None:
-        times.update(skeleton_s=round(t1 - t0, 2), tensors_s=round(time.perf_counter() - t1, 2))
-    return model
+    return model, LoadTimes(round(t1 - t0, 2), round(time.perf_counter() - t1, 2))
 
 
-def skeleton_of(root: Path, manifest: dict, plan: Plan):
-    """The meta skeleton for the baked denoiser under `root`, in the plan's dtype."""
+def skeleton_of(root: Path, manifest: dict, dtype: torch.dtype):
+    """The meta skeleton for the baked denoiser under `root`, quantized as its manifest records."""
     recipe = manifest["recipe"]
-    return skeleton(Path(root) / manifest["denoiser"], family_of(manifest), recipe["precision"], plan.torch_dtype,
-                    recipe.get("fused_qkv", True))
+    return skeleton(Path(root) / manifest["denoiser"], recipe["precision"], skip_patterns(recipe.get("skip", ())),
+                    dtype, recipe.get("fused_qkv", True))
 
 
-def assemble(root: Path, manifest: dict, plan: Plan, denoiser, direct: bool = False):
-    """The full pipeline: the given denoiser plus every other component read from `root`.
+def pipeline_class(root: Path) -> str:
+    """The diffusers pipeline class a baked (or any diffusers) directory names in model_index.json."""
+    index = Path(root) / "model_index.json"
+    try:
+        return json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError):
+        raise IntegrityError(f"{index}: missing or without _class_name") from None
 
-    `direct` (GPU only) loads the other components straight onto the GPU (`device_map`) instead of
-    into host memory and then `.to(cuda)`. Measured on H100 in fresh processes, FLUX.1-dev shape
-    (bench/results/assemble_h100.json): no difference (2.1-2.6 s vs 2.7 s for T5-XXL + CLIP + VAE),
-    so it stays off; the baked denoiser (14-19 s there) is what dominates.
-    """
+
+def assemble(root: Path, manifest: dict, target: Target, denoiser):
+    """The full pipeline: the given denoiser plus every other component read from `root`."""
     import diffusers
 
-    family = family_of(manifest)
-    cls = getattr(diffusers, family.pipeline_class)
-    kw = {"device_map": plan.device} if direct and plan.device == "cuda" else {}
-    pipe = cls.from_pretrained(str(root), torch_dtype=plan.torch_dtype, **kw, **{family.denoiser: denoiser})
-    if not kw:
-        pipe = pipe.to(plan.device)
-    pipe.source_model = manifest["source"]["id"]  # what was baked: decides defaults (tiny or not)
-    return pipe
+    cls = getattr(diffusers, pipeline_class(root))
+    pipe = cls.from_pretrained(str(root), torch_dtype=target.dtype, **{manifest["denoiser"]: denoiser})
+    return pipe.to(target.device)
 
 
-def load_baked(path: str | Path, plan: Plan):
+def log_times(what: str, nbytes: int, times: LoadTimes) -> None:
+    logger.info("{}: skeleton {} s, {:.2f} GB of tensors in {} s ({:.2f} GB/s)", what, times.skeleton_s,
+                nbytes / 1e9, times.tensors_s, nbytes / 1e9 / max(times.tensors_s, 1e-3))
+
+
+def denoiser_bytes(manifest: dict) -> int:
+    return sum(i["size"] for n, i in manifest["files"].items() if n.startswith(manifest["denoiser"] + "/"))
+
+
+def load_baked(path: str | Path, target: Target, manifest: dict | None = None):
     """A ready pipeline from a baked directory (sizes checked; `python -m weights verify` hashes)."""
     root = Path(path)
-    manifest = mf.read(root)
-    _check_plan(manifest, plan)
+    manifest = manifest or mf.read(root)
+    check_target(manifest, target)
     # Sizes only: hashing 12 GB costs seconds on every cold start, and a baked image is immutable;
     # full hashes are `python -m weights verify` (build time) and the S3 stream (every byte).
     mf.check_sizes(root, manifest)
-    times: dict = {}
-    # Read after the skeleton, not during it. Reading the shards on a thread while the skeleton's
-    # diffusers import ran (8-10 s on the H200 machine's image) made the weights phase slower, not
-    # faster: 14.7 s against 12.0 s sequential in bench coldstart (one run each, H200; the readers
-    # and the import contend for the GIL): bench/results/coldstart_h200_prefetch.json.
-    denoiser = load_denoiser(root, manifest, plan, times=times)
-    nbytes = sum(i["size"] for n, i in manifest["files"].items() if n.startswith(manifest["denoiser"] + "/"))
-    logger.info("baked denoiser: skeleton {} s, {:.2f} GB of tensors in {} s ({:.2f} GB/s)", times["skeleton_s"],
-                nbytes / 1e9, times["tensors_s"], nbytes / 1e9 / max(times["tensors_s"], 1e-3))
+    # Read after the skeleton, not during it: a reader thread beside the diffusers import made the
+    # phase slower (14.7 s against 12.0 s, bench/results/coldstart_h200_prefetch.json).
+    denoiser, times = load_denoiser(root, manifest, target)
+    log_times("baked denoiser", denoiser_bytes(manifest), times)
     t0 = time.perf_counter()
-    pipe = assemble(root, manifest, plan, denoiser)
+    pipe = assemble(root, manifest, target, denoiser)
     logger.info("other components (text encoders, VAE) in {:.2f} s", time.perf_counter() - t0)
     return pipe
 
 
-def family_of(manifest: dict) -> Family:
-    try:
-        return FAMILIES[manifest["family"]]
-    except KeyError:
-        raise IntegrityError(f"manifest names unknown family {manifest.get('family')!r}") from None
-
-
-def _device(plan: Plan) -> str:
-    return "cuda:0" if plan.device == "cuda" else plan.device
-
-
-def _check_plan(manifest: dict, plan: Plan) -> None:
-    """Refuse a baked precision this plan cannot run, instead of failing at the first job."""
+def check_target(manifest: dict, target: Target) -> None:
+    """Refuse a baked precision this GPU cannot run, instead of failing at the first job."""
     baked = manifest["recipe"]["precision"]
-    if baked == "fp8" and plan.device == "cuda" and plan.capability and plan.capability < (8, 9):
+    cap = target.capability
+    if baked == "fp8" and cap and cap < (8, 9):
         raise IntegrityError(f"baked FP8 weights need compute capability 8.9+, this GPU is "
-                             f"sm_{plan.capability[0]}{plan.capability[1]}; bake with --precision int8 or bf16")
-    if baked != plan.precision and plan.device == "cuda":
+                             f"sm_{cap[0]}{cap[1]}; bake with --precision int8 or bf16")
+    if target.precision and baked != target.precision and target.device.startswith("cuda"):
         logger.warning("baked precision {} differs from the plan's {}: the baked weights are used as they are",
-                       baked, plan.precision)
+                       baked, target.precision)

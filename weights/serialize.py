@@ -1,6 +1,6 @@
 """The denoiser's files in a baked directory: its state_dict as plain safetensors shards + an index.
 
-FP8 (the default): the state_dict of a denoiser whose linears are `app.fp8.FP8Linear` is plain
+FP8 (the default): the state_dict of a denoiser whose linears are `weights.fp8.FP8Linear` is plain
 tensors already: `<layer>.weight` float8_e4m3fn `[out, in]`, `<layer>.weight_scale` float32
 `[out, 1]` (dequantized weight = weight x weight_scale), `<layer>.bias` and every other tensor bf16.
 Any safetensors reader sees FP8 codes and their scales side by side; loading needs no library of

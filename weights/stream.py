@@ -28,26 +28,49 @@ from pathlib import Path
 
 from loguru import logger
 
-from app.plan import Plan
-from app.storage import describe_s3_error, parse_s3_uri, s3_client
+from typing import Callable
+
 from weights import manifest as mf
 from weights.errors import IntegrityError
-from weights.load import _check_plan, _device, assemble, family_of, load_denoiser
+from weights.load import Target, assemble, check_target, denoiser_bytes, load_denoiser, log_times
 from weights.reader import ShardReader, head_size
 
 WORKERS = 16  # parallel ranged GETs; S3 serves ~100 MB/s per connection
 HEAD_BYTES = 1 << 20  # first read of a shard: its safetensors header (FLUX's are ~30 KB)
 
 
-class _Fetcher:
+Describe = Callable[[Exception], str]
+
+
+def _describe(e: Exception) -> str:
+    """The S3 error code (or the exception's type) of a failed call: never a URL or a credential."""
+    return (getattr(e, "response", None) or {}).get("Error", {}).get("Code") or type(e).__name__
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def read_manifest(client, bucket: str, prefix: str, describe: Describe = _describe) -> dict:
+    """The manifest of the baked directory at s3://bucket/prefix."""
+    where = f"s3://{bucket}/{_key(prefix, mf.NAME)}"
+    try:
+        raw = client.get_object(Bucket=bucket, Key=_key(prefix, mf.NAME))["Body"].read()
+    except Exception as e:
+        raise IntegrityError(f"{where}: {describe(e)}") from None
+    return mf.parse(raw, where)
+
+
+class Fetcher:
     """Ranged, hash-checked reads of the objects of one baked directory."""
 
-    def __init__(self, client, bucket: str, prefix: str, manifest: dict, pool: ThreadPoolExecutor):
+    def __init__(self, client, bucket: str, prefix: str, manifest: dict, pool: ThreadPoolExecutor,
+                 describe: Describe = _describe):
         self.client, self.bucket, self.prefix, self.manifest, self.pool = client, bucket, prefix, manifest, pool
-        self.chunk = manifest["chunk_bytes"]
+        self.chunk, self.describe = manifest["chunk_bytes"], describe
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
+        return _key(self.prefix, name)
 
     def check_sizes(self) -> None:
         """HEAD every object: a missing or truncated object fails before any large read."""
@@ -56,7 +79,7 @@ class _Fetcher:
             try:
                 size = self.client.head_object(Bucket=self.bucket, Key=self.key(name))["ContentLength"]
             except Exception as e:
-                raise IntegrityError(f"s3://{self.bucket}/{self.key(name)}: {describe_s3_error(e)}") from None
+                raise IntegrityError(f"s3://{self.bucket}/{self.key(name)}: {self.describe(e)}") from None
             if size != info["size"]:
                 raise IntegrityError(f"s3://{self.bucket}/{self.key(name)}: {size} bytes, the manifest says "
                                      f"{info['size']} (truncated or replaced)")
@@ -74,7 +97,7 @@ class _Fetcher:
                     break
                 got += n
         except Exception as e:
-            raise IntegrityError(f"s3://{self.bucket}/{self.key(name)}: {describe_s3_error(e)}") from None
+            raise IntegrityError(f"s3://{self.bucket}/{self.key(name)}: {self.describe(e)}") from None
         if got != len(view):
             raise IntegrityError(f"{name}: bytes {lo}-{lo + len(view) - 1} returned {got} bytes (truncated)")
 
@@ -116,7 +139,7 @@ class _Fetcher:
         return reader.read_from(self.checked(name), size, bytes(head), name)
 
 
-def _shards(fetcher: _Fetcher, names: list[str], device: str):
+def stream_shards(fetcher: Fetcher, names: list[str], device: str):
     """Yield (name, tensors on `device`, metadata) for each denoiser shard, in order."""
     with ShardReader(device, threads=WORKERS, chunk=fetcher.chunk) as reader:
         for name in names:
@@ -128,29 +151,21 @@ def cache_root(cache_dir: str | Path, uri: str) -> Path:
     return Path(cache_dir) / "weights" / re.sub(r"[^A-Za-z0-9._-]+", "_", uri.removeprefix("s3://"))
 
 
-def stream_baked(uri: str, plan: Plan, cache_dir: str | Path, client=None):
-    """(pipeline on plan.device, family) from a baked directory under `uri`; every byte hash-checked."""
-    bucket, prefix = parse_s3_uri(uri)
-    client = client or s3_client(max_pool_connections=WORKERS)
-    try:
-        raw = client.get_object(Bucket=bucket, Key=f"{prefix}/{mf.NAME}" if prefix else mf.NAME)["Body"].read()
-    except Exception as e:
-        raise IntegrityError(f"{uri}/{mf.NAME}: {describe_s3_error(e)}") from None
-    manifest = mf.parse(raw, f"{uri}/{mf.NAME}")
-    family = family_of(manifest)
-    _check_plan(manifest, plan)
+def stream_baked(client, bucket: str, prefix: str, manifest: dict, target: Target, cache_dir: str | Path,
+                 describe: Describe = _describe):
+    """The pipeline on target.device from the baked directory at s3://bucket/prefix (its `manifest`, read
+    with `read_manifest`); every byte hash-checked. `client` is a boto3 S3 client with WORKERS connections."""
+    uri = f"s3://{bucket}/{prefix}".rstrip("/")
+    check_target(manifest, target)
     den = manifest["denoiser"] + "/"
     shards = sorted(n for n in manifest["files"] if n.startswith(den) and n.endswith(".safetensors"))
     root = cache_root(cache_dir, uri)
     with ThreadPoolExecutor(WORKERS) as pool:
-        fetcher = _Fetcher(client, bucket, prefix, manifest, pool)
+        fetcher = Fetcher(client, bucket, prefix, manifest, pool, describe)
         fetcher.check_sizes()
         with ShardReader("cpu", threads=WORKERS, chunk=fetcher.chunk) as files:
             for name in (n for n in manifest["files"] if n not in shards):
                 fetcher.download(name, root / name, files)
-        times: dict = {}
-        denoiser = load_denoiser(root, manifest, plan, _shards(fetcher, shards, _device(plan)), times)
-        nbytes = sum(manifest["files"][n]["size"] for n in shards)
-        logger.info("streamed denoiser from {}: skeleton {} s, {:.2f} GB in {} s ({:.2f} GB/s)", uri,
-                    times["skeleton_s"], nbytes / 1e9, times["tensors_s"], nbytes / 1e9 / max(times["tensors_s"], 1e-3))
-    return assemble(root, manifest, plan, denoiser), family
+        denoiser, times = load_denoiser(root, manifest, target, stream_shards(fetcher, shards, target.device))
+        log_times(f"streamed denoiser from {uri}", denoiser_bytes(manifest), times)
+    return assemble(root, manifest, target, denoiser)

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from app.errors import WorkerBroken
+
+class PlanError(ValueError):
+    """A forced plan this machine cannot run; `field` names the setting (PRECISION)."""
+
+    def __init__(self, message: str, field: str = "PRECISION"):
+        super().__init__(message)
+        self.message, self.field = message, field
 
 
 @dataclass(frozen=True)
@@ -42,20 +48,20 @@ def best_precision(capability: tuple[int, int] | None, fp8_works: bool = True) -
 
 
 def choose_precision(requested: str, capability: tuple[int, int] | None, fp8_works: bool = True) -> str:
-    """Resolve `PRECISION` (auto|fp8|int8|bf16) against the card; raise WorkerBroken if it cannot run it."""
+    """Resolve `PRECISION` (auto|fp8|int8|bf16) against the card; raise PlanError if it cannot run it."""
     auto = best_precision(capability, fp8_works)
     if requested == "auto":
         return auto
     if capability is None:  # CPU: quantized kernels are a GPU matter; run the reference path
         if requested in ("fp8", "int8"):
-            raise WorkerBroken(f"PRECISION={requested} needs a GPU; this worker has none", field="PRECISION")
+            raise PlanError(f"PRECISION={requested} needs a GPU; this worker has none")
         return "fp32"
     cap = f"sm_{capability[0]}{capability[1]}"
     if requested == "fp8" and auto != "fp8":
         why = "the FP8 smoke test failed" if capability >= (8, 9) else "FP8 needs compute capability 8.9 or newer"
-        raise WorkerBroken(f"PRECISION=fp8 cannot run on {cap}: {why}", field="PRECISION")
+        raise PlanError(f"PRECISION=fp8 cannot run on {cap}: {why}")
     if requested == "int8" and capability < (8, 0):
-        raise WorkerBroken(f"PRECISION=int8 cannot run on {cap}: needs 8.0 or newer", field="PRECISION")
+        raise PlanError(f"PRECISION=int8 cannot run on {cap}: needs 8.0 or newer")
     return requested
 
 

@@ -1,11 +1,10 @@
 """FP8 linear layers as plain modules: an e4m3 weight, a per-output-row scale, `torch._scaled_mm`.
 
-Why not torchao's Float8 tensor subclass: its weights are tensor subclasses that dynamo must trace
-through on every block, and the anchors measured 324 s of regional compilation before the first
-image (ANCHORS.md). Plain buffers compile like any module, serialize as plain safetensors tensors
-(bake once, load on the meta device with `assign=True`), and run the same cuBLAS/CUTLASS row-wise
-FP8 GEMM. The activation is quantized per row at run time; under torch.compile the amax, divide
-and cast fuse into the producer of `x`.
+Why not torchao's Float8 tensor subclass: dynamo traces through its subclass weights on every block
+(224 s of regional compile for 6 FLUX blocks against 2.1 s here, bench/results/probe_h100_1.json).
+Plain buffers compile like any module, serialize as plain safetensors tensors (bake once, load on
+the meta device with `assign=True`), and run the same cuBLAS row-wise FP8 GEMM. The activation is
+quantized per row at run time; under torch.compile the amax, divide and cast fuse into its producer.
 
 Numerics: weight scale = row amax / 448, weight = round_e4m3(w / scale), so the dequantized weight
 is `weight.float() * weight_scale` (the same rule as ComfyUI / compressed-tensors per-channel).
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 E4M3_MAX = 448.0
-FP8 = torch.float8_e4m3fn
+E4M3 = torch.float8_e4m3fn  # the dtype of every stored and run-time FP8 code here
 # torch._scaled_mm (cuBLASLt FP8) requires K and N to be multiples of 16; other linears stay as they are.
 ALIGN = 16
 
@@ -31,7 +30,7 @@ def quantize_e4m3(t: torch.Tensor, dim) -> tuple[torch.Tensor, torch.Tensor]:
     same input gives the same bytes on a CPU and a GPU. Under torch.compile the amax, divide and cast
     fuse into the producer of `t`."""
     scale = (t.abs().amax(dim=dim, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 def fits_scaled_mm(lin: nn.Linear) -> bool:
@@ -52,7 +51,7 @@ class FP8Linear(nn.Module):
                  out_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8, device=device))
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=E4M3, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=out_dtype, device=device) if bias else None)
 
@@ -97,11 +96,9 @@ class FP8Linear(nn.Module):
         if xq.device.type != "cuda":  # reference path: dequantize, then the same matmul as forward's
             y = (xq.float() * sx).to(self.out_dtype) @ self.dequantized_weight().t()
         else:
-            # Measured on H100 (bench/results/gemm_h100.json, FLUX shapes): fast accumulation is 5-15%
-            # faster (torchao's inference default too), and a bias in the GEMM epilogue costs ~10-15%
-            # while the same add fuses for free into the next elementwise kernel under torch.compile.
-            # cuBLAS rather than MSLK 1.1.0's CUTLASS row-wise kernel: MSLK ran from 1% faster to 28% slower
-            # at FLUX's shapes and 2.8% slower per step (H200: bench/results/gemm_h200.json, variants_h200_s3.json).
+            # Fast accumulation is 5-15% faster; a bias in the epilogue costs 10-15% while the same add
+            # fuses into the next kernel under torch.compile (bench/results/gemm_h100.json). cuBLAS, not
+            # MSLK's CUTLASS kernel: 2.8% slower per step (gemm_h200.json, variants_h200_s3.json).
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.t(),
                                  out_dtype=self.out_dtype, use_fast_accum=True)
         return y if self.bias is None or not bias else y + self.bias

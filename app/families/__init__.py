@@ -1,0 +1,62 @@
+"""The model families the worker serves, one module each; this registry finds them.
+
+Every module of this package other than `base` defines `FAMILY`: adding a family is adding its
+module (its pipeline call, defaults, limits, skip list, tiny build), nothing else here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from app.errors import WorkerBroken
+from app.families.base import Defaults, Family
+
+_NOT_FAMILIES = {"base"}
+
+
+def _discover() -> dict[str, Family]:
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in _NOT_FAMILIES or info.name.startswith("_"):
+            continue
+        fam = importlib.import_module(f"{__name__}.{info.name}").FAMILY
+        found[fam.name] = fam
+    return found
+
+
+FAMILIES: dict[str, Family] = _discover()
+TINY_PREFIX = "tiny-"  # MODEL=tiny-<family>: the family's embedded tiny random model
+
+
+def family_for_pipeline_class(class_name: str) -> Family:
+    """The family serving a diffusers pipeline class name (from model_index.json or a manifest)."""
+    for fam in FAMILIES.values():
+        if class_name == fam.pipeline_class:
+            return fam
+    known = ", ".join(sorted(f.pipeline_class for f in FAMILIES.values()))
+    raise WorkerBroken(f"unsupported pipeline class {class_name!r} (supported: {known})", field="MODEL")
+
+
+def family_named(name: str, field: str = "MODEL") -> Family:
+    """The family called `name`; WorkerBroken naming `field` when there is none."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise WorkerBroken(f"unknown model family {name!r} (known: {', '.join(sorted(FAMILIES))})",
+                           field=field) from None
+
+
+def family_for_tiny(model: str) -> Family | None:
+    """`tiny-flux` -> the flux family (to build its tiny model), anything not `tiny-*` -> None."""
+    if not model.startswith(TINY_PREFIX):
+        return None
+    name = model.removeprefix(TINY_PREFIX)
+    if name not in FAMILIES:
+        names = ", ".join(TINY_PREFIX + n for n in sorted(FAMILIES))
+        raise WorkerBroken(f"unknown embedded model {model!r} (use {names})", field="MODEL")
+    return FAMILIES[name]
+
+
+__all__ = ["Defaults", "Family", "FAMILIES", "family_for_pipeline_class", "family_for_tiny",
+           "family_named"]
