@@ -96,6 +96,20 @@ def _host_cpu() -> str:
         return platform.processor()
 
 
+def _commit() -> str | None:
+    """The commit measured: $COMMIT where the tree travels without its .git (the device), else git's."""
+    import os
+    import subprocess
+
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def versions() -> dict:
     import diffusers
     import transformers
@@ -105,7 +119,8 @@ def versions() -> dict:
              capability=list(torch.cuda.get_device_capability(0)) if cuda else None,
              torch=torch.__version__, cuda=torch.version.cuda, diffusers=diffusers.__version__,
              transformers=transformers.__version__, python=platform.python_version(),
-             date=time.strftime("%Y-%m-%d"), weights="random (real architecture)", host_cpu=_host_cpu())
+             date=time.strftime("%Y-%m-%d"), weights="random (real architecture)", host_cpu=_host_cpu(),
+             commit=_commit())
     try:
         import triton
 
