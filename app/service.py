@@ -105,6 +105,7 @@ class Service:
         t0 = time.perf_counter()
         with timed(timings, "validate_ms"):
             job = parse_job(raw, self.family)
+            _check_job_id(self.store, job_id)  # before any GPU work: the outputs are stored under it
         logger.info("job: {}x{}, {} steps, {} image(s)", job.width, job.height, job.num_inference_steps, job.num_images)
         logger.debug("prompt: {!r}", job.prompt)
         with timed(timings, "inference_ms"):
@@ -205,6 +206,16 @@ def _poisoned(e: RuntimeError) -> bool:
         return True
     text = str(e)
     return any(s in text for s in POISON_MARKERS)
+
+
+def _check_job_id(store, job_id) -> None:
+    """A job id that cannot name its outputs' keys is refused as input (`id`), not after the denoiser ran."""
+    if not isinstance(job_id, str):
+        raise InvalidInput(f"id: must be a string, not {type(job_id).__name__}", field="id")
+    try:
+        object_key(store_prefix(store), job_id, 0, "png")
+    except JobFailed as e:
+        raise InvalidInput(f"id: {e.message}", field="id") from None
 
 
 def _warmup_jobs(family, shapes) -> list[Job]:

@@ -122,3 +122,15 @@ def test_a_poisoned_cuda_context_breaks_the_worker(tiny_flux_service):
     assert out["error"]["type"] == "worker_broken" and svc.broken
     after = svc.run({"prompt": "a cat", "seed": 1, **FAST}, "cuda-2")
     assert after["error"]["type"] == "worker_broken"  # it refuses work until it is replaced
+
+
+@pytest.mark.parametrize("job_id", ["../escape", "a/b", "", "x" * 200, None, 7, ".hidden"])
+def test_an_unusable_job_id_is_refused_before_any_gpu_work(tiny_flux_service, job_id):
+    calls = []
+    hook = tiny_flux_service.pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        out = tiny_flux_service.run({"prompt": "a cat", "num_inference_steps": 1}, job_id)
+    finally:
+        hook.remove()
+    assert out["error"]["type"] == "invalid_input" and out["error"]["field"] == "id", out
+    assert calls == [] and not tiny_flux_service.broken
