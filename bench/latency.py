@@ -132,7 +132,10 @@ def versions() -> dict:
 
 def _recipe(name: str, compile_mode: str, attention: str, cuda_graphs: bool | None, fuse_gelu_quant: bool) -> Recipe:
     """The worker's own FP8 recipe (`choose_recipe` for an FP8 Hopper plan) with this run's settings, also
-    when the plumbing runs on a CPU (where the worker would quantize nothing)."""
+    when the plumbing runs on a CPU (where the worker would quantize nothing); there attention stays
+    PyTorch's SDPA: cuDNN and FA3 are CUDA kernels, and compiling them on a CPU fails."""
+    if not torch.cuda.is_available():
+        attention = "native"
     plan = Plan("cuda", "fp8", (9, 0), "bench")
     settings = Settings(attention=attention, compile=compile_mode, cuda_graphs=cuda_graphs)
     chosen = choose_recipe(plan, settings, FAMILIES[name])

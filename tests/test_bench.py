@@ -174,3 +174,30 @@ def test_load_speed_readers_and_their_byte_check_on_cpu(tmp_path, monkeypatch):
     key = next(iter(got))
     got[key].reshape(-1).view(torch.uint8)[0] ^= 1
     assert not load_speed._same_bytes(got, paths)
+
+
+def test_cli_exits_non_zero_when_a_model_failed(tmp_path, monkeypatch, capsys):
+    """A model whose run raised is kept in the JSON with its error, and the command fails (exit 1).
+    run_model is replaced by one that raises: the unit here is the CLI's verdict, not the run."""
+    import bench.latency
+    from bench.__main__ import main
+
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setattr(bench.latency, "run_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert main(["latency", "--tiny", "--models", "flux", "--out", str(tmp_path)]) == 1
+    assert "failed for flux: RuntimeError: boom" in capsys.readouterr().err
+    (js,) = tmp_path.glob("latency_*.json")
+    assert json.loads(js.read_text())["flux"] == {"error": "RuntimeError: boom"}
+
+
+def test_readme_cpu_bench_command_runs_flux_with_the_default_recipe(tmp_path):
+    """`python -m bench latency --tiny` with the default compile (regional) and attention (fa3): on a CPU
+    attention stays SDPA, and both models finish."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OUT"}
+    done = subprocess.run([sys.executable, "-m", "bench", "latency", "--tiny", "--size", "64", "--steps", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (js,) = tmp_path.glob("latency_*.json")
+    res = json.loads(js.read_text())
+    assert res["flux"]["ours"]["e2e_s"] > 0 and res["sdxl"]["ours"]["e2e_s"] > 0
+    assert res["flux"]["recipe"]["attention"] == "native" and res["flux"]["recipe"]["compile"] == "regional"
