@@ -34,6 +34,8 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         w, _, h = part.lower().partition("x")
+        if not (w.isdigit() and h.isdigit()):
+            raise ValueError(f"{part[:20]!r} is not WIDTHxHEIGHT (e.g. 1024x1024,1344x768)")
         shapes.append((int(w), int(h)))
     return shapes
 

@@ -55,6 +55,7 @@ class Service:
         t0 = time.perf_counter()
         with timed(phases, "source_ms"):
             source = resolve(settings.model, settings.revision, settings.hf_offline, settings.weights_uri)
+            _warmup_jobs(source.family, settings.shapes)  # SHAPES refused before any weight is read
         with timed(phases, "preflight_ms"):
             plan = run_preflight(settings, source)
         with timed(phases, "store_ms"):
@@ -66,7 +67,7 @@ class Service:
 
         service = cls(pipe, source, settings, plan, store, phases)
         family = service.family
-        warm_jobs = _warmup_jobs(family, settings.shapes)  # SHAPES refused before the recipe's minutes
+        warm_jobs = _warmup_jobs(family, settings.shapes)
         recipe = choose_recipe(plan, settings, family)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
@@ -221,10 +222,12 @@ def _check_job_id(store, job_id) -> None:
 def _warmup_jobs(family, shapes) -> list[Job]:
     """The warm-up jobs for SHAPES (default: the family's buckets); a size the family cannot serve breaks
     the worker at start, naming SHAPES, rather than failing every job of that size later."""
-    try:
-        return family.warmup_jobs(shapes or family.shapes)
-    except InvalidInput as e:
-        bad = e.message.split(": ", 1)[-1]
-        raise WorkerBroken(f"bad configuration SHAPES: {bad} for the {family.name} family "
-                           f"(sides {family.min_side}-{family.max_side}, multiples of {family.multiple})",
-                           field="SHAPES") from None
+    jobs = []
+    for w, h in shapes or family.shapes:
+        try:
+            jobs += family.warmup_jobs([(w, h)])
+        except InvalidInput as e:
+            raise WorkerBroken(f"bad configuration SHAPES: {w}x{h}: {e.message} (the {family.name} family: sides "
+                               f"{family.min_side}-{family.max_side}, multiples of {family.multiple}, at most "
+                               f"{family.max_pixels} pixels)", field="SHAPES") from None
+    return jobs

@@ -64,7 +64,9 @@ def resolve(model: str, revision: str | None = None, offline: bool = False, weig
     fam = family_for_tiny(model)
     if fam is not None:
         return ModelSource("tiny", model, fam.tiny_variant())
-    path = Path(model)
+    path = Path(model).expanduser()
+    if model.startswith(("/", ".", "~")) and not path.is_dir():  # a path, not a hub id (org/name)
+        raise WorkerBroken(f"MODEL={model}: no such folder", field="MODEL")
     if path.is_dir():
         if (path / mf.NAME).is_file():
             return _baked(str(path), _manifest(lambda: mf.read(path), "MODEL"))

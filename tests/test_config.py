@@ -1,5 +1,8 @@
 """Settings.from_env: defaults, parsing, the hub's own HF_HUB_OFFLINE, and bad values naming the variable."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from app.config import Settings, parse_shapes, secret_values
@@ -90,3 +93,36 @@ def test_cuda_graphs_unset_leaves_the_choice_to_the_family(raw, expected):
 def test_a_bad_cuda_graphs_value_names_the_variable():
     with pytest.raises(WorkerBroken, match="CUDA_GRAPHS"):
         Settings.from_env({"CUDA_GRAPHS": "sometimes"})
+
+
+@pytest.mark.parametrize("shapes,needle", [("0x0", "0x0: width: must be between"),
+                                           ("1024x1024,3008x256", "3008x256: width: must be between"),
+                                           ("1000x1024", "1000x1024: width: must be a multiple of 16"),
+                                           ("2048x2048,4096x16", "4096x16")])
+def test_shapes_outside_the_family_are_refused_at_start_before_any_weight(shapes, needle, tmp_path, monkeypatch):
+    import app.service
+    from app.service import Service
+
+    monkeypatch.setattr(app.service, "load_pipeline", lambda *a, **k: pytest.fail("weights were read"))  # tripwire
+    with pytest.raises(WorkerBroken, match=needle) as e:
+        Service.load(Settings(shapes=shapes, output_uri=str(tmp_path), preflight=False, device="cpu"))
+    assert e.value.field == "SHAPES" and "bad configuration SHAPES" in e.value.message
+
+
+@pytest.mark.parametrize("text", ["axb", "1024", "1024x", "x1024", "-16x16"])
+def test_malformed_shapes_name_the_variable(text):
+    with pytest.raises(WorkerBroken, match="SHAPES") as e:
+        Settings.from_env({"SHAPES": text})
+    assert e.value.field == "SHAPES"
+
+
+def test_app_run_prints_a_refusal_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "SHAPES", "PRECISION")}
+    for var in ({"PRECISION": "fp9"}, {"MODEL": str(tmp_path / "missing")}, {"SHAPES": "0x0"}):
+        done = subprocess.run([sys.executable, "-m", "app", "run", '{"prompt": "a"}'], env=env | var,
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+        assert "worker did not start" in done.stderr and next(iter(var)) in done.stderr
