@@ -37,7 +37,7 @@ def baked(tmp_path_factory):
     out = tmp_path_factory.mktemp("bake") / "tiny-fp8"
     mp = pytest.MonkeyPatch()
     mp.setattr(ser, "MAX_SHARD_BYTES", 40_000)
-    mp.setattr(mf, "CHUNK", 16_384)
+    mp.setattr(mf, "HASH_CHUNK_BYTES", 16_384)
     try:
         bake("tiny-flux", out, "fp8", device="cpu")
     finally:

@@ -21,12 +21,12 @@ NAME = "manifest.json"
 FORMAT = "diffusion-worker/baked"
 # v2: FP8 denoisers as FP8Linear plain tensors (v1 held torchao Float8Tensor layouts: re-bake those).
 VERSION = 2
-CHUNK = 64 << 20
+HASH_CHUNK_BYTES = 64 << 20
 
 
 def file_digest(path: Path, chunk: int | None = None) -> dict:
     """{"size", "sha256", "chunks": [sha256 of each chunk]} of one file."""
-    chunk = chunk or CHUNK
+    chunk = chunk or HASH_CHUNK_BYTES
     whole, chunks, size = hashlib.sha256(), [], 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -66,7 +66,8 @@ def write(root: Path, body: dict) -> dict:
     """Hash every file under `root` and write manifest.json with `body` (source, recipe, ...)."""
     files = digest_tree(root)
     weights_bytes = sum(f["size"] for n, f in files.items() if n.endswith(".safetensors"))
-    manifest = {"format": FORMAT, "version": VERSION, **body, "versions": versions(), "chunk_bytes": CHUNK,
+    manifest = {"format": FORMAT, "version": VERSION, **body, "versions": versions(),
+                "chunk_bytes": HASH_CHUNK_BYTES,
                 "weights_bytes": weights_bytes, "files": files}
     (root / NAME).write_text(json.dumps(manifest, indent=1))
     return manifest

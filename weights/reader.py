@@ -7,7 +7,7 @@ by the driver. Measured on an H100 in a fresh process (bench/results/assemble_h1
 
 Here, every tensor is allocated once in its final place (ordinary caching-allocator tensors, not
 views of one big buffer, so torch.compile sees plain parameters), and the file's data section is
-read in CHUNK-sized pieces by THREADS threads with `os.preadv` (which releases the GIL) into pinned
+read in SPAN_BYTES pieces by THREADS threads with `os.preadv` (which releases the GIL) into pinned
 staging buffers, each thread copying its piece into the tensors it overlaps on its own CUDA stream
 while the other threads read. On the CPU the same code runs with plain staging buffers and
 synchronous copies, which is what the tests exercise.
@@ -33,7 +33,7 @@ import torch
 from weights.errors import IntegrityError
 from weights.serialize import _DTYPES, read_header
 
-CHUNK = 64 << 20  # one pread + its copies; large enough that per-call overhead is noise
+SPAN_BYTES = 64 << 20  # one pread + its copies; large enough that per-call overhead is noise
 THREADS = 8  # page-cache reads are a memcpy per thread; 8 saturate host memory bandwidth
 
 
@@ -83,7 +83,7 @@ class ShardReader:
     the same cut the manifest hashes, so a remote source can check each span as it lands.
     """
 
-    def __init__(self, device: str | torch.device, threads: int = THREADS, chunk: int = CHUNK):
+    def __init__(self, device: str | torch.device, threads: int = THREADS, chunk: int = SPAN_BYTES):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -207,7 +207,7 @@ def _finish(jobs: list[Future]) -> None:
 
 
 def read_shards(paths: Iterable[Path], device: str, names: Iterable[str] | None = None,
-                threads: int = THREADS, chunk: int = CHUNK) -> Iterator[tuple[str, dict, dict]]:
+                threads: int = THREADS, chunk: int = SPAN_BYTES) -> Iterator[tuple[str, dict, dict]]:
     """(name, tensors, metadata) for each path in order; names default to the paths."""
     paths = list(paths)
     names = list(names) if names is not None else [str(p) for p in paths]
