@@ -47,3 +47,21 @@ def configure_logging(fmt: str = "text", level: str = "INFO", secrets: list[str]
     else:
         logger.add(write, level=level, backtrace=False, diagnose=False, colorize=False,
                    format="{time:HH:mm:ss.SSS} {level: <7} [{extra[job_id]}] {message}")
+    quiet_libraries()
+
+
+# Library loggers whose import-time notices are noise for a worker, not its operator's business: torchao's
+# optional CUDA/Triton extensions (FP8 runs on our own FP8Linear), torch's _pytree deprecation notes on
+# torchao's enums, and diffusers/transformers (their warnings can quote prompt text, and the
+# "modules that should be kept in float32: []" note on every tiny build). Errors still show.
+QUIET = ("torchao", "torch.utils._pytree", "diffusers", "transformers")
+
+
+def quiet_libraries() -> None:
+    import logging
+    import os
+
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):  # read when each library sets its own level
+        os.environ.setdefault(var, "error")

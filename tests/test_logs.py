@@ -102,3 +102,20 @@ def test_redact():
         "u?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED z")
     assert redact("token=hf_abc and s3cr3t", ["s3cr3t"]) == "token=REDACTED and REDACTED"
     assert strip_query("https://b.s3/k.png?X-Amz-Signature=abc") == "https://b.s3/k.png"
+
+
+def test_a_run_prints_only_our_lines(tmp_path):
+    """Library import notices (torchao's optional extensions, torch's _pytree deprecations, diffusers'
+    "kept in float32: []") are silenced by configure_logging; every stderr line is one of ours."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")} | {"OUTPUT_URI": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "app", "run", '{"prompt": "a cat", "num_inference_steps": 1}'],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and all(" INFO " in line or " WARNING " in line for line in lines), lines
+    assert not any(s in done.stderr for s in ("torchao", "_pytree", "float32: []"))
