@@ -68,12 +68,14 @@ def _denoiser(pipe, family):
 
 
 def _fuse_qkv(pipe, family, recipe):
+    if not family.fuse_qkv:
+        return
     freed = fuse_qkv(_denoiser(pipe, family))
     logger.info("fused QKV projections; dropped {:.2f} B unfused parameters", freed / 1e9)
 
 
 def _quantize(pipe, family, recipe):
-    done = quantize_denoiser(_denoiser(pipe, family), recipe.quantize, family.skips)
+    done = quantize_denoiser(_denoiser(pipe, family), recipe.quantize, family.skips, fuse=family.fuse_qkv)
     logger.info("{}: {} linears quantized (0: already quantized, e.g. baked), skip list kept in high precision",
                 recipe.quantize, len(done))
     if recipe.quantize == "fp8" and recipe.fuse_gelu_quant:

@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     sub.add_parser("gemm", help="FP8 GEMM paths and FA3 bf16/FP8 attention micro-benchmarks")
     qk = sub.add_parser("quant", help="the FP8 activation quantizer as Inductor fuses it, and app.fused's kernel")
     qk.add_argument("--fused-only", action="store_true", help="only app.fused's kernel against Inductor's fusion")
+    ed = sub.add_parser("edit", help="Qwen-Image-Edit CFG step (20B transformer): stock vs recipe variants")
+    ed.add_argument("variants", nargs="*", default=None, help="default: all (see bench/edit.py)")
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
@@ -64,6 +66,10 @@ def main(argv=None) -> int:
         from bench.quant_kernel import main as quant
 
         quant(only_fused=args.fused_only)
+    elif args.cmd == "edit":
+        from bench.edit import VARIANTS, main as edit
+
+        edit(tuple(args.variants or VARIANTS))
     elif args.cmd == "coldstart":
         from bench.coldstart import main as coldstart
 

@@ -201,3 +201,25 @@ def test_readme_cpu_bench_command_runs_flux_with_the_default_recipe(tmp_path):
     res = json.loads(js.read_text())
     assert res["flux"]["ours"]["e2e_s"] > 0 and res["sdxl"]["ours"]["e2e_s"] > 0
     assert res["flux"]["recipe"]["attention"] == "native" and res["flux"]["recipe"]["compile"] == "regional"
+
+
+def test_edit_bench_plumbing_on_a_tiny_qwen_transformer(tmp_path, monkeypatch):
+    """bench edit's variants on a 2-block Qwen-Image transformer on the CPU: every variant runs, FP8 moves
+    the output a little (not zero, not noise), the JSON is written."""
+    from bench import edit
+    from bench.models import reinit
+
+    def tiny():  # larger weights than the full-size build's: at 32 wide, 0.02 leaves the blocks' output
+        t = edit.build("cpu", num_layers=2, attention_head_dim=16, num_attention_heads=2,  # below bf16's
+                       joint_attention_dim=32, axes_dims_rope=(4, 6, 6))  # resolution of the residual
+        reinit(t, 0.3)
+        return t
+
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setitem(edit.VARIANTS, "fp8_cpu", dict(quantize="fp8", attention="native", compile="off"))
+    res = edit.main(("fp8_cpu",), str(tmp_path), build_fn=tiny, size=64, text=48)
+    assert "error" not in res["fp8_cpu"], res["fp8_cpu"]
+    assert res["fp8_cpu"]["quantized_linears"] > 0 and 0 < res["fp8_cpu"]["rel_err_vs_stock"] < 0.1
+    assert res["stock_eager"]["cfg_step_s"] > 0
+    (js,) = tmp_path.glob("edit_*.json")
+    assert json.loads(js.read_text())["fp8_cpu"]["rel_err_vs_stock"] == res["fp8_cpu"]["rel_err_vs_stock"]

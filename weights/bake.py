@@ -34,6 +34,7 @@ class BakeSpec(Protocol):
     name: str
     denoiser: str  # the pipeline attribute holding the transformer / UNet
     quant_skip: tuple[str, ...]  # regexes of denoiser modules kept in high precision
+    fuse_qkv: bool  # whether its attention runs diffusers' fused Q/K/V projections
     vram_gib: dict
 
     def skips(self, module_name: str) -> bool: ...
@@ -58,7 +59,7 @@ def bake_pipeline(pipe, family: BakeSpec, out: str | Path, precision: str, sourc
     shutil.rmtree(tmp, ignore_errors=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser = getattr(pipe, family.denoiser).to(device)
-    quantized = quantize_denoiser(denoiser, precision, family.skips)
+    quantized = quantize_denoiser(denoiser, precision, family.skips, fuse=family.fuse_qkv)
     logger.info("baking {} -> {} ({} linears quantized to {})", source.get("id"), out, len(quantized), precision)
     tmp.mkdir(parents=True)
     write_denoiser(denoiser, tmp / family.denoiser)
@@ -69,7 +70,7 @@ def bake_pipeline(pipe, family: BakeSpec, out: str | Path, precision: str, sourc
         "source": source,
         "family": family.name,
         "denoiser": family.denoiser,
-        "recipe": {"precision": precision, "fused_qkv": True, "config": RECIPES[precision],
+        "recipe": {"precision": precision, "fused_qkv": family.fuse_qkv, "config": RECIPES[precision],
                    "skip": list(family.quant_skip), "quantized_layers": len(quantized)},
         "vram_gib": family.vram_gib.get(precision),
     })

@@ -64,7 +64,7 @@ def skeleton(folder: Path, precision: str, skip, dtype: torch.dtype = torch.bflo
         model = cls.from_config(config)
     model.to(dtype)
     if precision == "fp8":
-        quantize_denoiser(model, "fp8", skip)
+        quantize_denoiser(model, "fp8", skip, fuse=fused)
     elif fused:
         fuse_qkv(model)
     return model

@@ -59,8 +59,9 @@ def is_torchao(tensor) -> bool:
 
 
 @torch.no_grad()
-def quantize_denoiser(denoiser, precision: str, skip: Callable[[str], bool]) -> list[str]:
-    """Fuse QKV, then quantize every `nn.Linear` that `skip` keeps and `fits_scaled_mm`; return their names.
+def quantize_denoiser(denoiser, precision: str, skip: Callable[[str], bool], fuse: bool = True) -> list[str]:
+    """Fuse QKV (unless `fuse` is False: a model whose attention processor reads only the unfused
+    projections, such as Qwen-Image's), then quantize every `nn.Linear` that `skip` keeps and `fits_scaled_mm`; return their names.
 
       fp8   `weights.fp8.FP8Linear` (row-wise e4m3 weight + fp32 scale, `torch._scaled_mm`)
       int8  torchao's Int8DynamicActivationInt8WeightConfig (sm_80/86, where FP8 has no kernel)
@@ -69,7 +70,8 @@ def quantize_denoiser(denoiser, precision: str, skip: Callable[[str], bool]) -> 
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
-    fuse_qkv(denoiser)
+    if fuse:
+        fuse_qkv(denoiser)
     if precision == "fp8":
         return swap_linears(denoiser, keep=skip)
     if precision == "int8":

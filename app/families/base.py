@@ -44,6 +44,7 @@ class Family:
     # Denoiser modules (regexes of qualified names) that stay bf16 under FP8/INT8: embedders, the final
     # projection and the norm/modulation layers: visible quality for under 1% of the FLOPs.
     quant_skip: tuple[str, ...] = ()
+    fuse_qkv: bool = True  # its attention processors use diffusers' fused projections (fuse_qkv_projections)
     negative_prompt: bool = True  # does the pipeline take a negative prompt without extra passes
     # CUDA graphs around the denoiser when CUDA_GRAPHS is unset: on where a step is launch-bound.
     cuda_graphs: bool = False
