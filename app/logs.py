@@ -101,11 +101,11 @@ class RedactingStream:
         """Let out what is held (scrubbed), then flush."""
         with self._lock:
             out, self._pending = self._pending, ""
+        try:
             if out:
                 self._stream.write(redact(out))
-        try:
             self._stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # at exit the wrapped stream may be closed already
             pass
 
     def close(self) -> None:
