@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from app.errors import InvalidInput, JobFailed
-from app.fetch import FetchLimits, decode_image, describe, fetch_bytes, fetch_image, refusal
+from app.fetch import FetchLimits, check_url, decode_image, describe, fetch_bytes, fetch_image, refusal
 
 MiB = 1024 * 1024
 
@@ -384,17 +384,19 @@ METADATA_FORMS = ["169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254", 
 @pytest.mark.parametrize("ip", METADATA_FORMS)
 def test_metadata_stays_refused_with_the_seam_wide_open(ip):
     """The test-only allow-list opened to everything still never lets a metadata address through,
-    whichever IPv6 form carries it: as a literal and as a name's DNS answer."""
+    whichever IPv6 form carries it: as a literal and as a name's DNS answer. (The guard's decision
+    alone, through check_url: nothing is ever connected to, so a broken guard cannot reach out.)"""
     host = f"[{ip}]" if ":" in ip else ip
     with pytest.raises(InvalidInput, match="metadata"):
-        fetch_bytes(f"http://{host}/latest/meta-data/", WIDE_OPEN)
+        check_url(f"http://{host}/latest/meta-data/", WIDE_OPEN, field="image")
     resolved = FetchLimits(allow_networks=WIDE_OPEN.allow_networks, resolver=lambda h, p: [ip])
     with pytest.raises(InvalidInput, match="metadata"):
-        fetch_bytes("http://rebind.example.test/latest/", resolved)
+        check_url("http://rebind.example.test/latest/", resolved, field="image")
 
 
-def test_the_loopback_seam_does_not_open_embedded_loopback():
-    """127.0.0.1/32 lets the tests reach 127.0.0.1, not its IPv6 spellings (nothing is contacted)."""
+def test_the_seam_opens_what_it_names_and_nothing_else():
+    """Wide open, a 6to4 loopback passes (the seam's job); 127.0.0.1/32 opens none of its IPv6 spellings."""
+    assert check_url("http://[2002:7f00:1::]:9/x.png", WIDE_OPEN) == "2002:7f00:1::"
     for ip in ("2002:7f00:1::", "::ffff:127.0.0.1", "64:ff9b::7f00:1", "::7f00:1"):
         with pytest.raises(InvalidInput, match="loopback"):
-            fetch_bytes(f"http://[{ip}]:9/x.png", LIMITS)
+            check_url(f"http://[{ip}]:9/x.png", LIMITS)
