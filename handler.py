@@ -1,6 +1,11 @@
 """RunPod serverless entry: load the worker once, then one job per call.
 
     python handler.py --test_input '{"input": {"prompt": "a red sneaker on a beach", "seed": 7}}'
+    python handler.py --rp_serve_api --rp_api_port 8000      # the SDK's local API server
+
+A failed job returns RunPod's `{"error": "<string>"}`: our typed error `{"type", "message",
+"field"?}` as compact JSON (app.jobs.error_text), which the SDK's local server accepts (it wants a
+string) and app.client parses back.
 """
 
 import os
@@ -14,7 +19,8 @@ from runpod.serverless.modules.rp_logger import RunPodLogger  # noqa: E402
 
 from app.config import Settings, secret_values
 from app.errors import WorkerBroken
-from app.logs import configure_logging
+from app.jobs import error_text
+from app.logs import configure_logging, scrub_stdio
 from app.service import Service
 
 # The variable above is read only when runpod is first imported, and RUNPOD_LOG_LEVEL overrides it:
@@ -23,6 +29,13 @@ from app.service import Service
 RunPodLogger().set_level("INFO")
 settings = Settings.from_env()
 configure_logging(settings.log_format, settings.log_level, secret_values())
+# The SDK prints on its own (`Job result: {...}` in --test_input mode holds the presigned URLs, with
+# X-Amz-Credential, -Signature and -Security-Token; --rp_log_level DEBUG prints every output): all of
+# stdout/stderr goes through the same scrubber as our log lines, in every SDK mode.
+scrub_stdio()
+# Progress updates are POSTed to the job-done URL RunPod sets in a worker; without one (--test_input,
+# --rp_serve_api) every update is an ERROR line ("Failed to return job results"), so none are sent.
+PROGRESS = os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") not in (None, "", "JOB_DONE_URL")
 try:
     service, broken = Service.load(settings), None  # once per worker; preflight runs before any weight is read
 except WorkerBroken as e:
@@ -37,14 +50,16 @@ def preflight_passed() -> None:
 
 
 def handler(job: dict) -> dict:
-    """Run one RunPod job; an {"error": ...} result ends it FAILED, a broken worker is replaced."""
+    """Run one RunPod job; an {"error": "..."} result ends it FAILED, a broken worker is replaced."""
     if service is None:  # only reachable locally (--test_input): fitness checks run on RunPod only
-        return {"error": broken.to_dict(), "refresh_worker": True}
+        return {"error": error_text(broken.to_dict()), "refresh_worker": True}
 
     def progress(step: int, total: int) -> None:
         runpod.serverless.progress_update(job, {"step": step, "total": total})
 
-    result = service.run(job.get("input"), job["id"], progress=progress)
+    result = service.run(job.get("input"), job["id"], progress=progress if PROGRESS else None)
+    if "error" in result:
+        result = {"error": error_text(result["error"])}  # RunPod's contract: a string
     if service.broken:
         result["refresh_worker"] = True
     return result

@@ -3,9 +3,12 @@
     Worker   GPU class (GPU, default H100). `@modal.enter(snap=True)` loads the service inside a
              memory snapshot, so a scale-up restores a loaded process instead of importing torch and
              reading weights again; `@modal.method run` runs one job. Scales to zero.
-    api      a small CPU web function: RunPod's job API (`POST /run`, `GET /status/{id}`,
-             `POST /cancel/{id}`) over `Worker.run.spawn` and `FunctionCall.from_id(id).get(timeout=0)`,
-             behind a bearer token from a Modal secret.
+    api      a small CPU web function: RunPod's job API (`POST /run`, `POST /runsync`,
+             `GET /status/{id}`, `POST /cancel/{id}`, `GET /health`, at the root and under any
+             `/{endpoint_id}/`, so `runpod.Endpoint` works against it) over `Worker.run.spawn` and
+             `FunctionCall.from_id(id).get(timeout=0)`, behind a bearer token from a Modal secret.
+             A webhook is checked by the address guard when submitted (422) and again when the
+             worker calls it (app.jobs.post_webhook).
 
 Deploy-time options come from the deploying shell's environment (read once, here, at import):
 GPU, MODAL_APP_NAME, MODAL_GPU_SNAPSHOT, MODAL_SCALEDOWN_S, MODAL_MAX_CONTAINERS, MODAL_TIMEOUT_S,
@@ -181,7 +184,8 @@ class Worker:
         job_id = modal.current_function_call_id() or f"local-{uuid.uuid4().hex}"
         _mark(f"started:{job_id}")
         result = self.service.run(input, job_id)
-        if webhook:  # bounded (2 x 5 s at most): a dead webhook must not hold a GPU for long
+        if webhook:  # bounded (2 x 5 s at most): a dead webhook must not hold a GPU for long. Through the
+            # address guard, checked again now: a name that now resolves inside is never called.
             post_webhook(webhook, from_result(job_id, result), timeout_s=5, attempts=2)
         if self.service.broken and not modal.is_local():
             modal.experimental.stop_fetching_inputs()  # this container goes; Modal starts a fresh one

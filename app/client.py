@@ -1,6 +1,7 @@
 """The backend's side: submit a job, keep its id, poll it to the end; RunPod and Modal alike.
 
-    jobs = RunPodJobs("ENDPOINT_ID", api_key)          # or ModalJobs("https://...modal.run", token)
+    jobs = RunPodJobs("ENDPOINT_ID", api_key)          # or ModalJobs("https://...modal.run", token),
+                                                       # or RunPodLocalJobs() for `handler.py --rp_serve_api`
     job_id = jobs.submit({"prompt": "a red sneaker on a beach", "seed": 7})
     status = jobs.wait(job_id, timeout=300)            # JobStatus(status="COMPLETED", output={...}); .state is the same
     url = status.output["images"][0]["url"]
@@ -8,12 +9,18 @@
 Errors are typed: `JobFailed` (the job ended FAILED, CANCELLED or TIMED_OUT; `.status` says how),
 `WaitTimeout` (still running when the wait ran out; the job goes on), `TransportError` (the API
 could not be reached or refused the request; `.status_code` when it answered). Credentials travel
-in headers only and never appear in an error or a log line.
+in headers only and never appear in an error or a log line: what a server answers (an error body,
+a job's error message) is scrubbed before it is shown, so an upstream that reflects the request's
+headers does not print the token (app.logs.redact, plus this client's own token).
+
+A job's `error` arrives as RunPod's string (our typed error as JSON, see app/jobs.py) and is
+returned parsed: `status.error == {"type", "message", "field"?}`.
 
 CLI (an entrypoint: reads RUNPOD_API_KEY / API_TOKEN from the environment, never from argv):
 
     python -m app.client --runpod ENDPOINT_ID submit '{"prompt": "..."}' [--wait] [--webhook URL]
     python -m app.client --modal https://you--diffusion-worker-api.modal.run status ID
+    python -m app.client --local http://localhost:8000 submit '{"prompt": "..."}' --wait   # --rp_serve_api
     python -m app.client ... wait ID [--timeout 600]
     python -m app.client ... cancel ID
 """
@@ -34,6 +41,7 @@ from loguru import logger
 
 from app.jobs import StatusBody as JobStatus
 from app.jobs import normalize_error
+from app.logs import redact
 
 
 class ClientError(Exception):
@@ -113,8 +121,17 @@ class _HttpJobs(Jobs):
             raise ValueError(f"{type(self).__name__}: an API key/token is required")
         self.base = base_url.rstrip("/")
         self._auth = {"Authorization": f"Bearer {token}"}
+        self._token = token
         self.http = http or httpx.Client(timeout=timeout_s)
         self.attempts = attempts
+        # RunPod's API and ours answer GET /status/{id}; the RunPod SDK's local server only POST (405
+        # to a GET): switched on the first 405, then kept.
+        self._status_method = "GET"
+
+    def _scrub(self, text: str) -> str:
+        """Server-sent text as it may be shown: presigned signatures, bearer tokens, configured
+        secrets and this client's own token replaced (before any cut: half a secret is not matched)."""
+        return redact(text, also=[self._token])
 
     def submit(self, input: dict, webhook: str | None = None) -> str:
         body: dict[str, Any] = {"input": input}
@@ -128,17 +145,27 @@ class _HttpJobs(Jobs):
         return data["id"]
 
     def status(self, job_id: str) -> JobStatus:
-        return self._parse(self._call("GET", f"/status/{quote(job_id, safe='')}"), job_id)
+        path = f"/status/{quote(job_id, safe='')}"
+        try:
+            data = self._call(self._status_method, path)
+        except TransportError as e:
+            if e.status_code != 405 or self._status_method == "POST":
+                raise
+            self._status_method = "POST"
+            data = self._call("POST", path)
+        return self._parse(data, job_id)
 
     def cancel(self, job_id: str) -> JobStatus:
         return self._parse(self._call("POST", f"/cancel/{quote(job_id, safe='')}"), job_id)
 
-    @staticmethod
-    def _parse(data: dict, job_id: str) -> JobStatus:
+    def _parse(self, data: dict, job_id: str) -> JobStatus:
+        error = normalize_error(data["error"]) if data.get("error") else None
+        if error is not None:
+            error = {k: self._scrub(v) if isinstance(v, str) else v for k, v in error.items()}
         try:
             status = JobStatus(id=data.get("id") or job_id, state=data["status"],
                                output=data.get("output") if isinstance(data.get("output"), dict) else None,
-                               error=normalize_error(data["error"]) if data.get("error") else None)
+                               error=error)
         except (KeyError, ValueError) as e:
             raise TransportError(f"unexpected status answer for job {job_id}: {type(e).__name__}") from None
         if status.state == "FAILED" and status.error is None:
@@ -170,7 +197,8 @@ class _HttpJobs(Jobs):
                 raise TransportError(f"{method} {url}: HTTP {r.status_code}: the API key/token was refused",
                                      r.status_code)
             if r.status_code >= 400:
-                raise TransportError(f"{method} {url}: HTTP {r.status_code}: {r.text[:200]}", r.status_code)
+                raise TransportError(f"{method} {url}: HTTP {r.status_code}: {self._scrub(r.text)[:200]}",
+                                     r.status_code)
             try:
                 data = r.json()
             except ValueError:
@@ -191,16 +219,34 @@ class RunPodJobs(_HttpJobs):
 
 
 class ModalJobs(_HttpJobs):
-    """Jobs on this project's Modal web API (`modal deploy modal_app.py` prints its URL)."""
+    """Jobs on this project's Modal web API (`modal deploy modal_app.py` prints its URL). The API
+    also serves RunPod's paths (`{url}/{any id}/run`...): `RunPodJobs(id, token, base_url=url)` works too."""
 
     def __init__(self, base_url: str, token: str, **kw):
         super().__init__(base_url, token, **kw)
+
+
+class RunPodLocalJobs(_HttpJobs):
+    """Jobs on the RunPod SDK's local API server (`python handler.py --rp_serve_api`, port 8000).
+
+    That server has no queue: `/run` only records the job, and the job runs inside the first
+    `/status/{id}` call, which answers when it is done. Hence the long read timeout, and status
+    calls never repeated (a repeated one would run the job again). It checks no token.
+    """
+
+    def __init__(self, base_url: str = "http://localhost:8000", token: str = "local-no-auth",
+                 timeout_s: float = 900, **kw):
+        kw.setdefault("attempts", 1)
+        super().__init__(base_url, token, timeout_s=timeout_s, **kw)
+        self._status_method = "POST"
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
 def _jobs_from_args(args, env) -> Jobs:
+    if args.local:
+        return RunPodLocalJobs(args.local)
     if args.runpod:
         return RunPodJobs(args.runpod, env.get("RUNPOD_API_KEY", ""))
     if args.modal:
@@ -218,6 +264,9 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> int:
                        help="RunPod endpoint id (key from RUNPOD_API_KEY; default RUNPOD_ENDPOINT_ID)")
     where.add_argument("--modal", metavar="URL",
                        help="Modal web API URL (token from API_TOKEN; default MODAL_API_URL)")
+    where.add_argument("--local", metavar="URL",
+                       help="the RunPod SDK's local server (`python handler.py --rp_serve_api`), e.g. "
+                            "http://localhost:8000")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("submit", help="queue a job, print its id (or its result with --wait)")
     s.add_argument("input", help="the job input as JSON, e.g. '{\"prompt\": \"...\"}'")
@@ -230,7 +279,7 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> int:
         if name == "wait":
             c.add_argument("--timeout", type=float, default=600)
     args = p.parse_args(argv)
-    if not (args.runpod or args.modal):  # neither flag: the environment, RunPod first
+    if not (args.runpod or args.modal or args.local):  # no flag: the environment, RunPod first
         args.runpod = env.get("RUNPOD_ENDPOINT_ID")
         args.modal = None if args.runpod else env.get("MODAL_API_URL")
     try:

@@ -11,7 +11,12 @@ Rules, and why:
   loopback, private, link-local, multicast, unspecified/reserved or a cloud metadata address
   (169.254.169.254, fd00:ec2::254, ...); the connection then goes to the address we checked, not to
   a second resolution (a DNS-rebinding server answers "public" to the check and "169.254.169.254"
-  to the connect). Every redirect is a new hop and is checked the same way.
+  to the connect). Every redirect is a new hop and is checked the same way. An IPv6 address that
+  embeds an IPv4 one (IPv4-mapped ::ffff:a.b.c.d, IPv4-compatible ::a.b.c.d, SIIT ::ffff:0:a.b.c.d,
+  NAT64 64:ff9b::/96, 6to4 2002::/16, Teredo 2001::/32 with its obfuscated client) is judged by
+  the embedded address: 2002:7f00:1:: is 127.0.0.1, 2002:a9fe:a9fe:: is 169.254.169.254.
+- Webhooks (`check_url` when a job is submitted, `post_json` when it is called) go through the same
+  guard, resolved and checked again at the call; redirects are not followed there.
 - Resource exhaustion: the byte cap is enforced while streaming (a Content-Length may lie or be
   absent), each read has a timeout, and a watchdog closes the socket at the overall deadline so a
   server dripping one byte a second cannot hold the job. The pixel cap is checked from the image
@@ -20,7 +25,8 @@ Rules, and why:
 
 The one test seam is `FetchLimits.allow_networks`: networks let through the address guard so tests
 can reach a server on 127.0.0.1. It is a constructor argument, never read from the environment, so
-no deployment can open it by accident; cloud metadata addresses stay refused even inside it.
+no deployment can open it by accident; cloud metadata addresses, in every embedded form, stay
+refused even inside it (opened to 0.0.0.0/0 and ::/0).
 """
 
 from __future__ import annotations
@@ -142,12 +148,51 @@ def describe(ref: str) -> str:
 
 # --- the address guard ----------------------------------------------------------------------------
 
+# IPv6 forms that carry an IPv4 address a packet ends up at: judged by that address, not by the
+# IPv6 one (2002:7f00:1:: is 127.0.0.1 through a 6to4 relay; Python calls it global).
+NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
+NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: operator-defined layout; refused whole
+SIIT_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 IPv4-translated (::ffff:0:a.b.c.d)
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d (RFC 4291 2.5.5.1)
+
+
+def embedded_ipv4(address: Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address embeds (IPv4-mapped, IPv4-compatible, SIIT, NAT64, 6to4 and
+    both of Teredo's: server and de-obfuscated client); () for an IPv4 address or a plain IPv6 one."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return ()
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address.sixtofour is not None:
+        return (address.sixtofour,)
+    if address.teredo is not None:
+        return address.teredo  # (server, client): Python already undoes the client's XOR obfuscation
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in NAT64_WELL_KNOWN or address in SIIT_TRANSLATED:
+        return (low32,)
+    if address in IPV4_COMPATIBLE and int(address) > 1:  # :: and ::1 keep their own meaning
+        return (low32,)
+    return ()
+
+
+def is_metadata(address: Address) -> bool:
+    """A cloud metadata address, itself or embedded in an IPv6 form (::ffff:169.254.169.254, 2002:a9fe:a9fe::)."""
+    return address in METADATA_ADDRESSES or any(a in METADATA_ADDRESSES for a in embedded_ipv4(address))
+
+
 def refusal(address: Address) -> str | None:
     """Why `address` must not be contacted, or None when it is a public address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    inner = embedded_ipv4(address)
+    if inner:  # judged by where the packets go: every embedded address must be public
+        for a in inner:
+            why = refusal(a)
+            if why:
+                return f"{why} ({a}, embedded in {address})"
+        return None
     if address in METADATA_ADDRESSES:
         return "a cloud metadata address"
+    if isinstance(address, ipaddress.IPv6Address) and address in NAT64_LOCAL_USE:
+        return "a local-use NAT64 address"
     for kind in ("loopback", "link_local", "multicast", "private", "unspecified", "reserved"):
         if getattr(address, f"is_{kind}"):
             return f"a {kind.replace('_', '-')} address"
@@ -174,7 +219,7 @@ def check_host(host: str, port: int, limits: FetchLimits, field: str, deadline: 
         raise InvalidInput(f"{field}: host {host} does not resolve", field=field)
     for a in addresses:
         why = refusal(a)
-        if why and not (a not in METADATA_ADDRESSES and any(a in n for n in allowed if n.version == a.version)):
+        if why and (is_metadata(a) or not any(a in n for n in allowed if n.version == a.version)):
             raise InvalidInput(f"{field}: host {host} resolves to {why}; refused", field=field)
     return str(addresses[0])
 
@@ -204,20 +249,53 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def _fetch_http(url: str, limits: FetchLimits, field: str, deadline: float) -> bytes:
-    for _hop in range(limits.max_redirects + 1):
-        u = urlsplit(url)
-        if u.scheme not in ("http", "https"):  # a redirect may try file:, ftp:, gopher:...
+def _target(url: str, limits: FetchLimits, field: str, deadline: float, hop: int) -> tuple:
+    """(split URL, port, checked address) for one hop, or raise InvalidInput (JobFailed: DNS timed out)."""
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https"):  # a redirect may try file:, ftp:, gopher:...
+        if hop:
             raise InvalidInput(f"{field}: redirected to a {u.scheme or 'relative'}: URL; refused", field=field)
-        if u.username or u.password:
-            raise InvalidInput(f"{field}: credentials in the URL are not accepted", field=field)
-        try:
-            port = u.port or (443 if u.scheme == "https" else 80)
-        except ValueError:
-            raise InvalidInput(f"{field}: bad port in {describe(url)}", field=field) from None
-        if not u.hostname:
-            raise InvalidInput(f"{field}: URL has no host", field=field)
-        address = check_host(u.hostname, port, limits, field, deadline)
+        raise InvalidInput(f"{field}: scheme {u.scheme + ':' if u.scheme else '(none)'} not allowed "
+                           "(use https:// or http://)", field=field)
+    if u.username or u.password:
+        raise InvalidInput(f"{field}: credentials in the URL are not accepted", field=field)
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        raise InvalidInput(f"{field}: bad port in {describe(url)}", field=field) from None
+    if not u.hostname:
+        raise InvalidInput(f"{field}: URL has no host", field=field)
+    return u, port, check_host(u.hostname, port, limits, field, deadline)
+
+
+def _connection(u, port: int, address: str, limits: FetchLimits, deadline: float):
+    timeout = max(0.01, min(limits.connect_timeout_s, deadline - time.monotonic()))
+    if u.scheme == "https":
+        return _PinnedHTTPS(u.hostname, port, address, timeout, limits.ssl_context or ssl.create_default_context())
+    return _PinnedHTTP(u.hostname, port, address, timeout)
+
+
+def _watchdog(conn, deadline: float) -> tuple[threading.Timer, threading.Event]:
+    """A timer that shuts the socket at the overall deadline: unblocks any read, however slow the drip."""
+    fired = threading.Event()
+
+    def fire():
+        fired.set()
+        if conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), fire)
+    timer.daemon = True
+    timer.start()
+    return timer, fired
+
+
+def _fetch_http(url: str, limits: FetchLimits, field: str, deadline: float) -> bytes:
+    for hop in range(limits.max_redirects + 1):
+        u, port, address = _target(url, limits, field, deadline, hop)
         body, location = _get_once(u, port, address, url, limits, field, deadline)
         if location is None:
             return body
@@ -228,24 +306,8 @@ def _fetch_http(url: str, limits: FetchLimits, field: str, deadline: float) -> b
 def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: str,
               deadline: float) -> tuple[bytes, str | None]:
     """One GET to a checked address: (body, None) or (b"", redirect location)."""
-    timeout = max(0.01, min(limits.connect_timeout_s, deadline - time.monotonic()))
-    if u.scheme == "https":
-        conn = _PinnedHTTPS(u.hostname, port, address, timeout, limits.ssl_context or ssl.create_default_context())
-    else:
-        conn = _PinnedHTTP(u.hostname, port, address, timeout)
-    fired = threading.Event()
-
-    def watchdog():  # the overall deadline: unblocks any read, however slowly the server drips
-        fired.set()
-        if conn.sock is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), watchdog)
-    timer.daemon = True
-    timer.start()
+    conn = _connection(u, port, address, limits, deadline)
+    timer, fired = _watchdog(conn, deadline)
     where = describe(url)
     try:
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
@@ -276,6 +338,57 @@ def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: 
     except (OSError, http.client.HTTPException):
         if fired.is_set():
             raise JobFailed(f"{field}: fetching {where} took longer than {limits.deadline_s:g} s", field=field) from None
+        raise JobFailed(f"{field}: connection to {where} failed", field=field) from None
+    finally:
+        timer.cancel()
+        conn.close()
+
+
+# --- outbound calls to a caller's URL (webhooks) --------------------------------------------------
+
+def check_url(url: str, limits: FetchLimits = FetchLimits(), field: str = "webhook") -> str:
+    """Refuse a URL this worker must not call, without calling it: scheme (http/https only),
+    credentials, host, port, and the address guard on every address the host resolves to now.
+    Returns the address it would connect to. For a URL given now and called later (a webhook),
+    `post_json` checks again when it calls: a DNS answer can change in between."""
+    if not isinstance(url, str) or not url:
+        raise InvalidInput(f"{field}: must be an https:// or http:// URL", field=field)
+    return _target(url, limits, field, time.monotonic() + limits.deadline_s, hop=0)[2]
+
+
+def post_json(url: str, payload: bytes, limits: FetchLimits = FetchLimits(), field: str = "webhook") -> int:
+    """POST `payload` (JSON bytes) to `url` and return the answer's HTTP status.
+
+    The same guard as an image fetch: the host is resolved and checked now, the connection goes to
+    the checked address (Host header, SNI and certificate keep the name), and the whole exchange
+    ends by `limits.deadline_s`. Redirects are not followed: a 3xx is returned as it is, so the
+    payload never goes to a second, unchecked address. The answer's body is read (at most 64 KiB)
+    and dropped. Raises InvalidInput for a refused URL, JobFailed for a timeout or connection failure.
+    """
+    deadline = time.monotonic() + limits.deadline_s
+    if not isinstance(url, str) or not url:
+        raise InvalidInput(f"{field}: must be an https:// or http:// URL", field=field)
+    u, port, address = _target(url, limits, field, deadline, hop=0)
+    conn = _connection(u, port, address, limits, deadline)
+    timer, fired = _watchdog(conn, deadline)
+    where = describe(url)
+    try:
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        conn.request("POST", path, body=payload, headers={
+            "User-Agent": "diffusion-worker", "Content-Type": "application/json", "Accept-Encoding": "identity"})
+        conn.sock.settimeout(_read_timeout(limits, deadline))
+        resp = conn.getresponse()
+        resp.read(CHUNK)
+        return resp.status
+    except (socket.timeout, TimeoutError):
+        if fired.is_set():
+            raise JobFailed(f"{field}: calling {where} took longer than {limits.deadline_s:g} s", field=field) from None
+        raise JobFailed(f"{field}: {where} timed out", field=field) from None
+    except ssl.SSLError:
+        raise JobFailed(f"{field}: TLS failed with {where}", field=field) from None
+    except (OSError, http.client.HTTPException):
+        if fired.is_set():
+            raise JobFailed(f"{field}: calling {where} took longer than {limits.deadline_s:g} s", field=field) from None
         raise JobFailed(f"{field}: connection to {where} failed", field=field) from None
     finally:
         timer.cancel()

@@ -2,12 +2,17 @@
 fronts Modal (app/jobs_api.py). It is RunPod's, so a backend treats both platforms alike:
 
     POST /run            {"input": {...}, "webhook"?: url}  -> {"id", "status": "IN_QUEUE"}
+    POST /runsync        the same, answered with the final status when the job ends in time
     GET  /status/{id}    -> {"id", "status", "output"? , "error"?}
     POST /cancel/{id}    -> {"id", "status"}
+    GET  /health         -> {"jobs": {...}, "workers": {...}}
 
 `status` is one of IN_QUEUE, IN_PROGRESS, COMPLETED (with `output`), FAILED (with `error`),
-CANCELLED and TIMED_OUT (RunPod's execution timeout). Light on purpose: pydantic and httpx only,
-so a backend can import the client without torch, FastAPI or a platform SDK.
+CANCELLED and TIMED_OUT (RunPod's execution timeout). On the wire `error` is a string, as RunPod's
+contract (and its SDK's local server) requires: our typed error `{"type", "message", "field"?}`
+as compact JSON (`error_text`), which `normalize_error` reads back into the dict the client
+returns. Light on purpose: pydantic, loguru and the standard library only, so a backend can import
+the client without torch, FastAPI or a platform SDK.
 """
 
 from __future__ import annotations
@@ -18,10 +23,16 @@ from typing import Any, Literal
 from loguru import logger
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from app.logs import strip_query
+from app.errors import InvalidInput, JobFailed
+from app.fetch import FetchLimits, describe, post_json
+from app.limits import WEBHOOK_ATTEMPTS, WEBHOOK_CONNECT_TIMEOUT_S, WEBHOOK_DEADLINE_S
 
 JobState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
 FINAL_STATES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
+# A webhook goes through the input images' address guard (app.fetch): resolved and checked when the
+# job is submitted and again when it is called, connected to the checked address, no redirects.
+WEBHOOK_LIMITS = FetchLimits(connect_timeout_s=WEBHOOK_CONNECT_TIMEOUT_S, read_timeout_s=WEBHOOK_DEADLINE_S,
+                             deadline_s=WEBHOOK_DEADLINE_S)
 
 
 class RunRequest(BaseModel):
@@ -51,6 +62,20 @@ class StatusBody(BaseModel):
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATES
+
+    def wire(self) -> dict[str, Any]:
+        """The body as RunPod's contract has it: `error` as a string (`error_text`)."""
+        out = self.model_dump(exclude_none=True)
+        if self.error is not None:
+            out["error"] = error_text(self.error)
+        return out
+
+
+def error_text(error: dict[str, Any]) -> str:
+    """A JobError as the `error` string of RunPod's contract: `{"type", "message", "field"?}` as compact
+    JSON. A RunPod backend reads it with `json.loads`; `normalize_error` turns it back into the dict."""
+    return json.dumps({k: error[k] for k in ("type", "message", "field") if error.get(k) is not None},
+                      ensure_ascii=False)
 
 
 def from_result(job_id: str, result: dict) -> StatusBody:
@@ -83,22 +108,36 @@ def normalize_error(error: Any) -> dict[str, Any]:
     return {"type": "job_failed", "message": str(error)[:500] if error else "the job failed"}
 
 
-def post_webhook(url: str, body: StatusBody, timeout_s: float = 10, attempts: int = 3) -> bool:
-    """POST a final status to the caller's webhook; retried, bounded, never raises. True if delivered."""
+def post_webhook(url: str, body: StatusBody, timeout_s: float | None = None, attempts: int = WEBHOOK_ATTEMPTS,
+                 limits: FetchLimits = WEBHOOK_LIMITS, sleep=None) -> bool:
+    """POST a final status (RunPod's shape, `StatusBody.wire`) to the caller's webhook; True if delivered.
+
+    Through the address guard, checked again now (the answer at submit time may have changed): a
+    refused address is never contacted and never retried. Other failures (timeout, connection,
+    non-2xx, a redirect: not followed) are retried `attempts` times, 1 s then 2 s apart. Each try
+    ends within `timeout_s` (default `limits.deadline_s`). Never raises.
+    """
+    import dataclasses
     import time
 
-    import httpx
-
-    payload = body.model_dump(exclude_none=True)
+    if timeout_s is not None:
+        limits = dataclasses.replace(limits, deadline_s=timeout_s, read_timeout_s=min(limits.read_timeout_s, timeout_s))
+    sleep = sleep or time.sleep
+    payload = json.dumps(body.wire()).encode()
+    where = describe(url) if isinstance(url, str) else "(not a URL)"
     for attempt in range(1, attempts + 1):
         try:
-            r = httpx.post(url, json=payload, timeout=timeout_s)
-            if r.status_code < 300:
+            status = post_json(url, payload, limits, field="webhook")
+        except InvalidInput as e:
+            logger.warning("webhook {} not called: {}", where, e.message)
+            return False
+        except JobFailed as e:
+            reason = e.message
+        else:
+            if 200 <= status < 300:
                 return True
-            reason = f"HTTP {r.status_code}"
-        except httpx.HTTPError as e:
-            reason = type(e).__name__
-        logger.warning("webhook {} attempt {}/{} failed: {}", strip_query(url), attempt, attempts, reason)
+            reason = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
+        logger.warning("webhook {} attempt {}/{} failed: {}", where, attempt, attempts, reason)
         if attempt < attempts:
-            time.sleep(min(2 ** (attempt - 1), 5))
+            sleep(min(2 ** (attempt - 1), 5))
     return False

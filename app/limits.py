@@ -17,6 +17,9 @@ image) live with the family in `app.families` because they depend on the model.
 | FETCH_READ_TIMEOUT_S     | 10 s         | per read (a stalled server)                                |
 | FETCH_DEADLINE_S         | 30 s         | whole fetch, redirects included (a slow drip)              |
 | FETCH_MAX_REDIRECTS      | 3            |                                                            |
+| WEBHOOK_DEADLINE_S       | 10 s         | one webhook call, connect to answer (3 tries, 1 s + 2 s apart) |
+| MAX_RUN_BODY_BYTES       | 10 MB        | a jobs API request body (RunPod's own limit for /run)       |
+| MAX_RUNSYNC_BODY_BYTES   | 20 MB        | the same for /runsync (RunPod's limit)                      |
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ FETCH_CONNECT_TIMEOUT_S = 5.0
 FETCH_READ_TIMEOUT_S = 10.0
 FETCH_DEADLINE_S = 30.0
 FETCH_MAX_REDIRECTS = 3
+
+WEBHOOK_CONNECT_TIMEOUT_S = 5.0
+WEBHOOK_DEADLINE_S = 10.0
+WEBHOOK_ATTEMPTS = 3
+
+MAX_RUN_BODY_BYTES = 10 * 1000 * 1000
+MAX_RUNSYNC_BODY_BYTES = 20 * 1000 * 1000
 
 
 def output_bytes_bound(width: int, height: int, num_images: int) -> int:

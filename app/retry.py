@@ -56,15 +56,36 @@ class ShortObject(Exception):
     """The object read back after an upload is not the size we wrote: write it again."""
 
 
-def retry(fn: Callable[[], T], backoff: Backoff, what: str, sleep=time.sleep) -> T:
-    """Call `fn` until it succeeds, a non-transient error occurs, or the attempts run out (re-raise)."""
+class DeadlineExceeded(Exception):
+    """The deadline passed before the call succeeded (the last failure, if any, is its __cause__)."""
+
+
+# Less time than this left: no new attempt (it could not finish), the deadline is reported instead.
+MIN_ATTEMPT_S = 0.1
+
+
+def retry(fn: Callable[[], T], backoff: Backoff, what: str, sleep=time.sleep, deadline: float | None = None) -> T:
+    """Call `fn` until it succeeds, a non-transient error occurs, or the attempts run out (re-raise).
+
+    `deadline` (time.monotonic()) bounds the whole: no attempt starts with less than MIN_ATTEMPT_S
+    left, and a backoff sleep takes at most half the time left (so a last try still fits);
+    DeadlineExceeded then. (Each attempt's own timeouts
+    are the caller's to bound: app.storage does it for botocore.)
+    """
     for n in range(backoff.attempts):
+        if deadline is not None and deadline - time.monotonic() < MIN_ATTEMPT_S:
+            raise DeadlineExceeded(f"{what}: out of time before attempt {n + 1}")
         try:
             return fn()
         except Exception as e:
+            timed_out = deadline is not None and deadline - time.monotonic() < MIN_ATTEMPT_S
+            if timed_out and is_transient(e):
+                raise DeadlineExceeded(f"{what}: out of time after attempt {n + 1} ({type(e).__name__})") from e
             if n + 1 >= backoff.attempts or not is_transient(e):
                 raise
             wait = backoff.delay(n)
+            if deadline is not None:  # never sleep away more than half the time left: keep a last try
+                wait = max(0.0, min(wait, (deadline - time.monotonic()) / 2))
             logger.info("{}: transient {}, retry {}/{} in {:.2f} s", what, type(e).__name__, n + 1,
                         backoff.attempts - 1, wait)
             sleep(wait)

@@ -27,6 +27,7 @@ from app.storage import OutputStore, object_key, open_store, store_prefix
 from preflight import Plan
 
 Progress = Callable[[int, int], None]
+CLEANUP_GRACE_S = 2.0  # removing a failed job's partial outputs may run this long past its deadline
 
 
 @contextmanager
@@ -113,8 +114,9 @@ class Service:
             images = self._generate(job, progress, t0)
         with timed(timings, "encode_ms"):
             blobs = [encode_image(im, job.output_format, job.output_quality) for im in images]
-        with timed(timings, "upload_ms"):
-            outputs = self._upload(job, job_id, images, blobs)
+        with timed(timings, "upload_ms"):  # under the job's deadline too (a stalled store)
+            deadline = time.monotonic() + self.settings.job_timeout_s - (time.perf_counter() - t0)
+            outputs = self._upload(job, job_id, images, blobs, deadline)
         timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         cost = job_cost(self.plan.gpu_name, timings["total_ms"] / 1000, self.settings.gpu_price_per_hour)
         result = JobResult(images=outputs, model=self.source.id, timings=timings, cost=cost,
@@ -151,7 +153,7 @@ class Service:
         raise OutOfMemory(f"out of GPU memory at {job.width}x{job.height} x{job.num_images}; "
                           "try fewer images or a smaller size")
 
-    def _upload(self, job: Job, job_id: str, images, blobs) -> list[dict]:
+    def _upload(self, job: Job, job_id: str, images, blobs, deadline: float | None = None) -> list[dict]:
         total = sum(len(b) for b in blobs)
         if total > MAX_OUTPUT_BYTES:  # parse_job's bound should make this unreachable; never upload past it
             raise JobFailed(f"outputs are {total} bytes, over the {MAX_OUTPUT_BYTES} byte limit")
@@ -161,15 +163,20 @@ class Service:
         outputs = []
         try:
             for key, image, blob, seed in zip(keys, images, blobs, job.seeds):
-                stored = self.store.put(key, blob, ctype)
+                stored = self.store.put(key, blob, ctype, deadline=deadline)
                 outputs.append(dict(url=stored.url, key=stored.key, width=image.width, height=image.height,
                                     seed=seed, content_type=ctype, bytes=stored.bytes))
-        except JobFailed:
+        except JobFailed as e:
             # A failed job leaves nothing behind: the images already stored, and the one whose PUT
             # may have landed before its answer was lost. Best effort; a retry overwrites anyway.
+            # The clean-up gets what is left of the deadline plus CLEANUP_GRACE_S, then gives up.
+            cleanup_deadline = None if deadline is None else max(deadline, time.monotonic()) + CLEANUP_GRACE_S
             for key in keys[: len(outputs) + 1]:
-                if not self.store.delete(key):
+                if not self.store.delete(key, deadline=cleanup_deadline):
                     logger.warning("could not remove partial output {}", key)
+            if isinstance(e, JobTimeout):
+                raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g} while storing "
+                                 f"its outputs: {e.message}") from None
             raise
         return outputs
 

@@ -4,19 +4,28 @@ Keys are `{prefix}/{job_id}/{index}.{ext}`: a retried job overwrites its own obj
 adding new ones. Every upload is verified (size read back) before its URL is returned, so a job
 never reports an object that is not there. The S3 endpoint comes from boto3's own configuration
 (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), so R2, MinIO and moto work unchanged.
+
+`put` and `delete` take a `deadline` (time.monotonic()), the job's: no attempt starts after it, no
+backoff sleep runs past it, and each S3 request reads for no longer than the time left (botocore's
+per-request read timeout), so a frozen store ends the job `timeout` at its deadline instead of
+after every retry's full read timeout. Only a connect attempt already under way may run past it,
+by at most the client's connect timeout (5 s).
 """
 
 from __future__ import annotations
 
+import contextvars
+import errno
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
-from app.errors import JobFailed, WorkerBroken
-from app.retry import Backoff, ShortObject, retry
+from app.errors import JobFailed, JobTimeout, WorkerBroken
+from app.retry import Backoff, DeadlineExceeded, ShortObject, retry
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -39,9 +48,24 @@ class Stored:
 
 
 class OutputStore(Protocol):
-    def put(self, key: str, data: bytes, content_type: str) -> Stored: ...
-    def delete(self, key: str) -> bool: ...
+    def put(self, key: str, data: bytes, content_type: str, deadline: float | None = None) -> Stored: ...
+    def delete(self, key: str, deadline: float | None = None) -> bool: ...
     def check(self) -> str: ...
+
+
+# The deadline of the store call running in this thread, read by the botocore hook below.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("store_deadline", default=None)
+
+
+def _bound_read_timeout(request, **_) -> None:
+    """botocore `before-send` hook: a request sent under a deadline reads no longer than the time left."""
+    deadline = _deadline.get()
+    context = getattr(request, "context", None)
+    if deadline is None or context is None:
+        return
+    config = context.get("client_config")
+    configured = getattr(config, "read_timeout", None) or 60
+    context["read_timeout"] = max(0.05, min(configured, deadline - time.monotonic()))
 
 
 def object_key(prefix: str, job_id: str, index: int, ext: str) -> str:
@@ -110,6 +134,9 @@ class S3Store:
     def __init__(self, bucket: str, prefix: str, client, presign_ttl_s: int, backoff: Backoff | None = None):
         self.bucket, self.prefix, self.client, self.ttl = bucket, prefix, client, presign_ttl_s
         self.backoff = backoff or Backoff()
+        events = getattr(getattr(client, "meta", None), "events", None)
+        if events is not None:  # a real botocore client (tests may hand in a stand-in)
+            events.register("before-send.s3", _bound_read_timeout, unique_id="diffusion-worker-deadline")
 
     def _put_verified(self, key: str, data: bytes, content_type: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
@@ -117,25 +144,36 @@ class S3Store:
         if size != len(data):
             raise ShortObject(f"stored size {size} != {len(data)}")
 
-    def put(self, key: str, data: bytes, content_type: str) -> Stored:
+    def put(self, key: str, data: bytes, content_type: str, deadline: float | None = None) -> Stored:
+        token = _deadline.set(deadline)
         try:
-            retry(lambda: self._put_verified(key, data, content_type), self.backoff, f"upload {key}")
+            retry(lambda: self._put_verified(key, data, content_type), self.backoff, f"upload {key}",
+                  deadline=deadline)
+        except DeadlineExceeded:
+            raise JobTimeout(f"upload of {key} did not finish before the job's deadline") from None
         except ShortObject as e:
             raise JobFailed(f"upload of {key} failed: {e}") from None
         except Exception as e:  # botocore raises many unrelated types; all mean "not stored"
             raise JobFailed(f"upload of {key} failed: {describe_s3_error(e)}") from None
+        finally:
+            _deadline.reset(token)
         url = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.ttl
         )
         return Stored(url=url, key=key, bytes=len(data))
 
-    def delete(self, key: str) -> bool:
-        """Remove `key` (a failed job's partial output); False when even the retries failed."""
+    def delete(self, key: str, deadline: float | None = None) -> bool:
+        """Remove `key` (a failed job's partial output); False when even the retries failed or the
+        deadline came first."""
+        token = _deadline.set(deadline)
         try:
-            retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=key), self.backoff, f"delete {key}")
+            retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=key), self.backoff, f"delete {key}",
+                  deadline=deadline)
             return True
         except Exception:
             return False
+        finally:
+            _deadline.reset(token)
 
     def check(self) -> str:
         """Put and delete a small object under the prefix; raise JobFailed naming the cause."""
@@ -149,31 +187,59 @@ class S3Store:
 
 
 class LocalStore:
-    """Files in a folder, returned as file:// URLs. Writes are atomic (temp file, then rename)."""
+    """Files in a folder, returned as file:// URLs. Writes are atomic (temp file, then rename); a
+    failed write (a full disk: ENOSPC, a quota: EDQUOT) removes its temp file, and `delete` removes a
+    key's file, its temp file and the folders it leaves empty, so a failed job leaves nothing."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
 
-    def put(self, key: str, data: bytes, content_type: str) -> Stored:
+    @staticmethod
+    def _tmp(path: Path) -> Path:
+        return path.with_name(f".{path.name}.tmp")
+
+    def put(self, key: str, data: bytes, content_type: str, deadline: float | None = None) -> Stored:
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobTimeout(f"writing {key} did not start before the job's deadline")
         path = self.root / key
+        tmp = self._tmp(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
             size = path.stat().st_size
         except OSError as e:
-            raise JobFailed(f"writing {key} failed: {e.strerror}") from None
+            try:
+                tmp.unlink(missing_ok=True)  # what the failed write left (half a file)
+            except OSError:
+                pass  # never created (its folder could not be)
+            reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+            raise JobFailed(f"writing {key} failed: {reason}") from None
         if size != len(data):
             raise JobFailed(f"writing {key} failed: stored size {size} != {len(data)}")
         return Stored(url=path.as_uri(), key=key, bytes=size)
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, deadline: float | None = None) -> bool:
+        path = self.root / key
         try:
-            (self.root / key).unlink(missing_ok=True)
-            return True
+            path.unlink(missing_ok=True)
+            self._tmp(path).unlink(missing_ok=True)
         except OSError:
             return False
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:  # the job's folder, if now empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (or gone): it stays
+            parent = parent.parent
+        return True
 
     def check(self) -> str:
         try:
@@ -192,11 +258,31 @@ def open_store(uri: str, presign_ttl_s: int = 7 * 24 * 3600, client=None) -> Out
         bucket, prefix = parse_s3_uri(uri)
         # botocore retries off: S3Store retries PUT+HEAD as a unit (app.retry)
         return S3Store(bucket, prefix, client or s3_client(max_attempts=1), presign_ttl_s)
-    if uri.startswith("file://"):
-        return LocalStore(urlparse(uri).path)
+    if uri[:5].lower() == "file:":
+        return LocalStore(file_uri_path(uri))
     if "://" in uri:
         raise WorkerBroken(f"unsupported OUTPUT_URI scheme: {uri.split('://')[0]}://", field="OUTPUT_URI")
     return LocalStore(uri)
+
+
+def file_uri_path(uri: str) -> str:
+    """The folder a `file:` OUTPUT_URI names: `file:///abs/path` (or `file://localhost/abs/path`,
+    `file:/abs/path`), percent-escapes decoded. A host is refused: `file://tmp/x` names the folder
+    /x on a machine called "tmp", not ./tmp/x, and writing to /x would be a silent surprise."""
+    u = urlparse(uri)
+    if u.netloc not in ("", "localhost"):
+        raise WorkerBroken(f"OUTPUT_URI {uri[:80]!r} names a host ({u.netloc[:40]!r}): a file:// URI takes "
+                           "an absolute path after three slashes (file:///abs/path), or use a plain path",
+                           field="OUTPUT_URI")
+    if u.query or u.fragment or u.params:
+        raise WorkerBroken(f"OUTPUT_URI {uri[:80]!r}: a file:// URI has no query or fragment", field="OUTPUT_URI")
+    path = unquote(u.path)
+    if not path.startswith("/"):
+        raise WorkerBroken(f"OUTPUT_URI {uri[:80]!r}: a file: URI needs an absolute path (file:///abs/path)",
+                           field="OUTPUT_URI")
+    if "\0" in path:
+        raise WorkerBroken("OUTPUT_URI: the path holds a NUL byte", field="OUTPUT_URI")
+    return path
 
 
 def store_prefix(store: OutputStore) -> str:

@@ -11,6 +11,9 @@ boto3 is pointed at it with AWS_ENDPOINT_URL_S3, exactly as at a real endpoint. 
   stall-before  no answer until past the client's read timeout, then reset; nothing forwarded
   stall-after   forwarded, then the same stall: the store acted, the client times out
   short         forwarded; a HEAD answer reports one byte less than stored (a truncated object)
+  freeze        nothing forwarded, no answer, the connection held open: a frozen store. Held until
+                the proxy is thawed (`thaw()`, or leaving the `with`) or `freeze_max_s` passes, then reset
+  freeze-after  forwarded (the store acted: a PUT landed), then frozen the same way
 
 `-after` faults are the ones that make a retried PUT interesting: the object is there, the
 client believes it failed, and the retry must overwrite it with the same bytes.
@@ -101,14 +104,18 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(xml)
             return
-        if action in ("reset-before", "stall-before"):
+        if action in ("reset-before", "stall-before", "freeze"):
             if action == "stall-before":
                 time.sleep(proxy.stall_s)
+            if action == "freeze":
+                proxy.thawed.wait(proxy.freeze_max_s)
             return self._reset()
         status, headers, payload = self._forward(body)
-        if action in ("reset-after", "stall-after"):
+        if action in ("reset-after", "stall-after", "freeze-after"):
             if action == "stall-after":
                 time.sleep(proxy.stall_s)
+            if action == "freeze-after":
+                proxy.thawed.wait(proxy.freeze_max_s)
             return self._reset()
         assert action in ("pass", "short"), action
         self.send_response(status)
@@ -130,8 +137,10 @@ class _Handler(BaseHTTPRequestHandler):
 class FaultProxy:
     """Start with `with FaultProxy(upstream, decide) as proxy:`; `proxy.url` is the endpoint to use."""
 
-    def __init__(self, upstream: str, decide: Callable[[str, str], str] | None = None, stall_s: float = 1.0):
-        self.upstream, self.stall_s = upstream, stall_s
+    def __init__(self, upstream: str, decide: Callable[[str, str], str] | None = None, stall_s: float = 1.0,
+                 freeze_max_s: float = 60.0):
+        self.upstream, self.stall_s, self.freeze_max_s = upstream, stall_s, freeze_max_s
+        self.thawed = threading.Event()
         self.decide = decide or (lambda method, path: "pass")
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
@@ -147,6 +156,11 @@ class FaultProxy:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
+    def thaw(self) -> None:
+        """Release every frozen request (each is then reset)."""
+        self.thawed.set()
+
     def __exit__(self, *exc) -> None:
+        self.thaw()
         self._server.shutdown()
         self._server.server_close()

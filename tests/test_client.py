@@ -169,3 +169,116 @@ def test_cli_exit_codes(api_url, capsys):
     assert client.main(["--modal", api_url, "submit", "not json"], env) == 2
     assert client.main(["status", "x"], {}) == 2  # no endpoint given anywhere
     assert client.main(["--modal", api_url, "status", "x"], {}) == 2  # no token
+
+
+# ------------------------------------------------------- what a server sends back is scrubbed
+
+SECRET_TOKEN = "Tk9+/abc=DEF-ghijkl0123456789"
+
+
+@pytest.fixture
+def reflector():
+    """An upstream on 127.0.0.1 that reflects the request's headers into its answers, the way a
+    misconfigured proxy or debug endpoint does; the path picks the status and the shape."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import quote
+
+    class Reflect(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def answer(self):
+            auth = self.headers.get("Authorization", "")
+            token = auth.split(" ", 1)[-1]
+            route = self.path.split("/")[-1]
+            bodies = {
+                "text400": (400, f"bad request; you sent Authorization: {auth}"),
+                "json404": (404, json.dumps({"error": "no such job", "headers": {"authorization": auth}})),
+                "raw422": (422, f"token {token} is not allowed here"),
+                "quoted400": (400, f"redirect to /login?next=%2F&key={quote(token, safe='')}"),
+                "cut400": (400, "x" * 190 + token + " trailing"),
+                "signed400": (400, "see https://b.s3/k.png?X-Amz-Signature=deadbeef0123&X-Amz-Credential=AKIA/x"),
+                "json500": (500, json.dumps({"echo": auth})),
+                "failed200": (200, json.dumps({"id": "j1", "status": "FAILED",
+                                               "error": f"upstream rejected Authorization: {auth} ({token})"})),
+            }
+            status, body = bodies.get(route, (404, "no route"))
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json" if body.startswith("{") else "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.answer()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.answer()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Reflect)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def assert_no_token(text: str) -> None:
+    from urllib.parse import quote
+
+    for form in (SECRET_TOKEN, quote(SECRET_TOKEN, safe=""), SECRET_TOKEN[:12], SECRET_TOKEN[-12:]):
+        assert form not in text, (form, text)
+
+
+@pytest.mark.parametrize("route", ["text400", "json404", "raw422", "quoted400", "cut400", "json500"])
+def test_error_bodies_that_reflect_the_token_are_scrubbed(reflector, route):
+    jobs = ModalJobs(reflector, SECRET_TOKEN, attempts=2)
+    with pytest.raises(TransportError) as e:
+        jobs.status(route)
+    assert e.value.status_code in (400, 404, 422, 500)
+    assert "REDACTED" in str(e.value)
+    assert_no_token(str(e.value))
+
+
+def test_signatures_in_error_bodies_are_scrubbed(reflector):
+    with pytest.raises(TransportError) as e:
+        ModalJobs(reflector, SECRET_TOKEN).status("signed400")
+    assert "deadbeef0123" not in str(e.value) and "X-Amz-Signature=REDACTED" in str(e.value)
+
+
+def test_a_job_error_that_reflects_the_token_is_scrubbed(reflector):
+    jobs = ModalJobs(reflector, SECRET_TOKEN)
+    status = jobs.status("failed200")
+    assert status.state == "FAILED" and "REDACTED" in status.error["message"]
+    assert_no_token(json.dumps(status.error))
+    with pytest.raises(JobFailed) as e:
+        jobs.wait("failed200", timeout=1, sleep=lambda s: None)
+    assert_no_token(str(e.value))
+
+
+def test_the_cli_prints_no_reflected_token(reflector, capsys):
+    env = {"API_TOKEN": SECRET_TOKEN}
+    assert client.main(["--modal", reflector, "status", "text400"], env) == 3
+    assert client.main(["--modal", reflector, "status", "failed200"], env) == 0
+    assert client.main(["--modal", reflector, "wait", "failed200", "--timeout", "1"], env) == 1
+    out = capsys.readouterr()
+    assert "REDACTED" in out.out + out.err
+    assert_no_token(out.out + out.err)
+
+
+def test_status_falls_back_to_post_on_405_and_remembers():
+    """The RunPod SDK's local server (`--rp_serve_api`) serves POST /status only; ours and RunPod's GET."""
+    calls: list[str] = []
+
+    def api(request):
+        calls.append(request.method)
+        if request.method == "GET":
+            return httpx.Response(405, json={"detail": "Method Not Allowed"})
+        return httpx.Response(200, json={"id": "j1", "status": "COMPLETED", "output": {"ok": 1}})
+
+    jobs = ModalJobs("http://api", "tok-0123456789abcdef", http=httpx.Client(transport=httpx.MockTransport(api)))
+    assert jobs.status("j1").output == {"ok": 1}
+    assert jobs.status("j1").state == "COMPLETED"
+    assert calls == ["GET", "POST", "POST"]

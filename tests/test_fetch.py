@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from app.errors import InvalidInput, JobFailed
-from app.fetch import FetchLimits, decode_image, describe, fetch_bytes, fetch_image, refusal
+from app.fetch import FetchLimits, check_url, decode_image, describe, fetch_bytes, fetch_image, refusal
 
 MiB = 1024 * 1024
 
@@ -331,3 +331,72 @@ def test_decode_reads_only_allowed_formats():
 
 def test_describe_drops_query_and_userinfo():
     assert describe("https://u:p@h.example:8443/a/b.png?X-Amz-Signature=s") == "https://h.example:8443/a/b.png"
+
+
+# --- IPv6 forms that embed an IPv4 address: judged by where the packets go --------------------------
+
+def teredo(server: str, client: str, port: int = 40000) -> str:
+    """A Teredo address (2001::/32): server in the clear, client port and address XOR-obfuscated."""
+    s, c = int(ipaddress.IPv4Address(server)), int(ipaddress.IPv4Address(client)) ^ 0xFFFFFFFF
+    return str(ipaddress.IPv6Address((0x20010000 << 96) | (s << 64) | (0x8000 << 48) | ((port ^ 0xFFFF) << 32) | c))
+
+
+EMBEDDED_FORBIDDEN = [  # (address, what it carries)
+    ("2002:7f00:1::", "loopback"), ("2002:7f00:1:ffff::1", "loopback"),  # 6to4 of 127.0.0.1
+    ("2002:a9fe:a9fe::", "metadata"), ("2002:0a00:0001::", "private"), ("2002:c0a8:0101::", "private"),
+    ("2002:6440:0001::", "not a public address"),  # 6to4 of CGNAT 100.64.0.1
+    ("64:ff9b::7f00:1", "loopback"), ("64:ff9b::a9fe:a9fe", "metadata"), ("64:ff9b::a00:1", "private"),  # NAT64
+    ("64:ff9b:1::808:808", "local-use NAT64"),  # RFC 8215: layout unknown, refused whole
+    ("::7f00:1", "loopback"), ("::a9fe:a9fe", "metadata"),  # IPv4-compatible (deprecated)
+    ("::ffff:0:7f00:1", "loopback"), ("::ffff:0:a9fe:a9fe", "metadata"),  # SIIT IPv4-translated
+    ("::ffff:169.254.169.254", "metadata"), ("::ffff:10.1.2.3", "private"),  # IPv4-mapped
+    (teredo("65.54.227.120", "127.0.0.1"), "loopback"), (teredo("65.54.227.120", "169.254.169.254"), "metadata"),
+    (teredo("10.0.0.1", "8.8.8.8"), "private"),  # the server counts as well as the client
+]
+EMBEDDED_PUBLIC = ["2002:808:808::1", "64:ff9b::808:808", "::ffff:8.8.8.8", teredo("65.54.227.120", "8.8.4.4")]
+
+
+@pytest.mark.parametrize("ip, why", EMBEDDED_FORBIDDEN)
+def test_embedded_ipv4_is_judged_by_the_embedded_address(ip, why):
+    reason = refusal(ipaddress.ip_address(ip))
+    assert reason is not None and why in reason, (ip, reason)
+
+
+@pytest.mark.parametrize("ip", EMBEDDED_PUBLIC)
+def test_embedded_public_ipv4_is_public(ip):
+    assert refusal(ipaddress.ip_address(ip)) is None
+
+
+def test_teredo_client_is_deobfuscated():
+    from app.fetch import embedded_ipv4
+
+    assert embedded_ipv4(ipaddress.ip_address(teredo("65.54.227.120", "169.254.169.254"))) == (
+        ipaddress.IPv4Address("65.54.227.120"), ipaddress.IPv4Address("169.254.169.254"))
+
+
+WIDE_OPEN = FetchLimits(allow_networks=("0.0.0.0/0", "::/0"), connect_timeout_s=0.5)
+METADATA_FORMS = ["169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254", "::ffff:a9fe:a9fe",
+                  "2002:a9fe:a9fe::", "2002:a9fe:a9fe:1234::5", "64:ff9b::a9fe:a9fe", "::a9fe:a9fe",
+                  "::ffff:0:a9fe:a9fe", teredo("65.54.227.120", "169.254.169.254"), "169.254.170.2",
+                  "::ffff:100.100.100.200", "2002:6464:64c8::"]
+
+
+@pytest.mark.parametrize("ip", METADATA_FORMS)
+def test_metadata_stays_refused_with_the_seam_wide_open(ip):
+    """The test-only allow-list opened to everything still never lets a metadata address through,
+    whichever IPv6 form carries it: as a literal and as a name's DNS answer. (The guard's decision
+    alone, through check_url: nothing is ever connected to, so a broken guard cannot reach out.)"""
+    host = f"[{ip}]" if ":" in ip else ip
+    with pytest.raises(InvalidInput, match="metadata"):
+        check_url(f"http://{host}/latest/meta-data/", WIDE_OPEN, field="image")
+    resolved = FetchLimits(allow_networks=WIDE_OPEN.allow_networks, resolver=lambda h, p: [ip])
+    with pytest.raises(InvalidInput, match="metadata"):
+        check_url("http://rebind.example.test/latest/", resolved, field="image")
+
+
+def test_the_seam_opens_what_it_names_and_nothing_else():
+    """Wide open, a 6to4 loopback passes (the seam's job); 127.0.0.1/32 opens none of its IPv6 spellings."""
+    assert check_url("http://[2002:7f00:1::]:9/x.png", WIDE_OPEN) == "2002:7f00:1::"
+    for ip in ("2002:7f00:1::", "::ffff:127.0.0.1", "64:ff9b::7f00:1", "::7f00:1"):
+        with pytest.raises(InvalidInput, match="loopback"):
+            check_url(f"http://[{ip}]:9/x.png", LIMITS)

@@ -10,6 +10,7 @@ job runner) is real. The H100 side (real OOM, VRAM flat over 50 jobs) is bench/s
 from __future__ import annotations
 
 import asyncio
+import json
 import importlib.util
 import weakref
 from pathlib import Path
@@ -132,12 +133,13 @@ def test_runpod_handler_asks_for_a_new_worker_when_broken(runpod_handler):
     service = runpod_handler.service
     oom = Fault(service.pipe.transformer, lambda: torch.cuda.OutOfMemoryError("CUDA out of memory"))
     first = asyncio.run(run_job(runpod_handler.handler, {"id": "rp-1", "input": tiny_job(1)}))
-    assert first["error"]["type"] == "out_of_memory" and "stopPod" not in first  # OOM: the worker stays
+    # RunPod's contract: `error` is a string (our typed error as JSON)
+    assert json.loads(first["error"])["type"] == "out_of_memory" and "stopPod" not in first  # OOM: the worker stays
     oom.remove()
 
     Fault(service.pipe.transformer, lambda: RuntimeError("CUDA error: an illegal memory access was encountered"))
     broken = asyncio.run(run_job(runpod_handler.handler, {"id": "rp-2", "input": tiny_job(2)}))
-    assert broken["error"]["type"] == "worker_broken"
+    assert json.loads(broken["error"])["type"] == "worker_broken"
     assert broken.get("stopPod") is True  # RunPod's runner turned our refresh_worker into a worker refresh
 
 

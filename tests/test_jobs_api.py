@@ -136,7 +136,13 @@ def test_cancel_a_running_job_discards_its_result(tiny_flux_service):
     assert backend.status(job_id).status == "CANCELLED"
 
 
-def test_webhook_gets_the_final_status(jobs):
+def test_webhook_gets_the_final_status(tiny_flux_service):
+    """Delivered through the address guard with the test seam opened to 127.0.0.1 (the receiver's);
+    tests/test_webhooks.py has the refusals."""
+    from app.fetch import FetchLimits
+
+    seam = FetchLimits(allow_networks=("127.0.0.1/32",))
+    backend = ThreadBackend(tiny_flux_service.run, webhook_limits=seam)
     got: list[dict] = []
 
     class Receiver(BaseHTTPRequestHandler):
@@ -151,15 +157,18 @@ def test_webhook_gets_the_final_status(jobs):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        hook = f"http://127.0.0.1:{server.server_address[1]}/hook?sig=abc"
-        job_id = jobs.submit({"prompt": "a cat", "seed": 5}, webhook=hook)
-        done = jobs.wait(job_id, timeout=60, first_poll_s=0.05)
-        for _ in range(50):
-            if got:
-                break
-            threading.Event().wait(0.1)
+        with TestClient(create_app(backend, TOKEN, webhook_limits=seam)) as http:
+            jobs = ModalJobs("http://testserver", TOKEN, http=http)
+            hook = f"http://127.0.0.1:{server.server_address[1]}/hook?sig=abc"
+            job_id = jobs.submit({"prompt": "a cat", "seed": 5}, webhook=hook)
+            done = jobs.wait(job_id, timeout=60, first_poll_s=0.05)
+            for _ in range(50):
+                if got:
+                    break
+                threading.Event().wait(0.1)
         assert got and got[0]["id"] == job_id and got[0]["status"] == "COMPLETED"
         assert got[0]["output"]["images"] == done.output["images"]
     finally:
         server.shutdown()
         server.server_close()
+        backend.shutdown()

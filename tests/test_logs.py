@@ -119,3 +119,38 @@ def test_a_run_prints_only_our_lines(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines and all(" INFO " in line or " WARNING " in line for line in lines), lines
     assert not any(s in done.stderr for s in ("torchao", "_pytree", "float32: []"))
+def test_redact_bearer_tokens_and_extra_secrets_in_every_form():
+    assert redact("Authorization: Bearer abc.DEF-123_456/789=", []) == "Authorization: Bearer REDACTED"
+    assert redact("missing or wrong bearer token", []) == "missing or wrong bearer token"  # words stay
+    text = 'raw Tk+/x=9 json "Tk+/x=9" url Tk%2B%2Fx%3D9'
+    assert redact(text, [], also=["Tk+/x=9"]) == 'raw REDACTED json "REDACTED" url REDACTED'
+
+
+def test_the_stdio_scrubber_sees_a_secret_written_in_pieces():
+    """print() and the RunPod SDK write a line in pieces; a secret split across them is still caught,
+    a partial line is held through flush() and let out (scrubbed) when drained."""
+    from app.logs import RedactingStream
+
+    configure_logging("text", "INFO", ["s3cr3t-value"], sink=io.StringIO())
+    try:
+        out = io.StringIO()
+        stream = RedactingStream(out)
+        stream.write("INFO   | Job result: {'url': 'https://b/k?X-Amz-Security-Token=IQoJ")
+        stream.write("b3JpZ2luX2VjE&X-Amz-Signature=abc123'} key s3cr3t-")
+        stream.flush()
+        assert out.getvalue() == ""  # held: the line has not ended
+        stream.write("value\nprogress 10%\rprogress 20%\r")
+        stream.write("tail without newline s3cr3t-val")
+        text = out.getvalue()
+        assert "IQoJ" not in text and "abc123" not in text and "s3cr3t" not in text
+        assert "X-Amz-Security-Token=REDACTED" in text and "progress 20%\r" in text
+        assert "tail" not in text
+        stream.write("ue")
+        stream.drain()
+        assert out.getvalue().endswith("tail without newline REDACTED")
+        assert stream.getvalue is not None  # everything else is the wrapped stream's
+        long = RedactingStream(io.StringIO(), hold=100)
+        long.write("x" * 150)
+        assert long._stream.getvalue() == "x" * 150  # a line past `hold` is let out as it is
+    finally:
+        configure_logging("text", "DEBUG")

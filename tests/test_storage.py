@@ -128,3 +128,119 @@ def test_unknown_scheme_names_output_uri():
         open_store("gs://bucket/x")
     assert e.value.field == "OUTPUT_URI"
     assert isinstance(open_store("s3://b/p", client=object()), S3Store)
+
+
+# ------------------------------------------------- a full disk leaves nothing in the output folder
+
+def fail_writes(monkeypatch, errno_code: int, after_bytes: int = 0, on: str = "write"):
+    """Make writes to our temp files fail as a full disk (or quota) does. No tmpfs small enough to
+    fill can be mounted here, so `os.write` (or `os.replace`) is wrapped: it writes `after_bytes`
+    for real, then raises the OSError the kernel would. Only temp files of LocalStore are hit."""
+    import errno as _errno
+    import os
+
+    real_write, real_replace = os.write, os.replace
+    written: dict[int, int] = {}
+
+    def is_ours(fd: int) -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp")
+        except OSError:
+            return False
+
+    def write(fd, data):
+        if on == "write" and is_ours(fd):
+            room = after_bytes - written.get(fd, 0)
+            if room <= 0:
+                raise OSError(errno_code, os.strerror(errno_code))
+            n = real_write(fd, bytes(data)[:room])
+            written[fd] = written.get(fd, 0) + n
+            return n
+        return real_write(fd, data)
+
+    def replace(src, dst, **kw):
+        if on == "replace" and str(src).endswith(".tmp"):
+            raise OSError(errno_code, os.strerror(errno_code))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "replace", replace)
+    return _errno
+
+
+@pytest.mark.parametrize("code, after, on", [("ENOSPC", 0, "write"), ("ENOSPC", 4096, "write"),
+                                             ("EDQUOT", 100, "write"), ("ENOSPC", 0, "replace")])
+def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch, code, after, on):
+    import errno
+
+    fail_writes(monkeypatch, getattr(errno, code), after, on)
+    store = LocalStore(tmp_path)
+    with pytest.raises(JobFailed, match="the disk is full"):
+        store.put("job-1/0.png", b"x" * 10000, "image/png")
+    assert [p.name for p in (tmp_path / "job-1").iterdir()] == []  # no .0.png.tmp, no 0.png
+    assert store.delete("job-1/0.png") and not (tmp_path / "job-1").exists()  # the job's folder goes too
+
+
+def test_a_job_that_fills_the_disk_leaves_the_folder_as_it_was(tiny_flux_service, tmp_path, monkeypatch):
+    """Two images, the second hits ENOSPC half-way: the first image, the half-written temp file and
+    the job's folder are removed; what was in the output folder before is untouched."""
+    import errno
+
+    (tmp_path / "other.txt").write_text("keep")
+    (tmp_path / "job-before").mkdir()
+    (tmp_path / "job-before" / "0.png").write_bytes(b"older job")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    store = LocalStore(tmp_path)
+    real_put = store.put
+    calls = []
+
+    def second_fails(key, data, content_type, deadline=None):
+        calls.append(key)
+        if len(calls) == 2:
+            with pytest.MonkeyPatch.context() as mp:
+                fail_writes(mp, errno.ENOSPC, after_bytes=len(data) // 2)
+                return real_put(key, data, content_type, deadline)
+        return real_put(key, data, content_type, deadline)
+
+    store.put = second_fails
+    out = using(tiny_flux_service, store).run({"prompt": "a", "seed": 1, "num_images": 2, **FAST}, "job-full")
+    assert out["error"]["type"] == "job_failed" and "disk is full" in out["error"]["message"]
+    assert calls == ["job-full/0.png", "job-full/1.png"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_delete_removes_a_stale_temp_file_and_only_empty_folders(tmp_path):
+    store = LocalStore(tmp_path)
+    (tmp_path / "job-2").mkdir()
+    (tmp_path / "job-2" / ".0.png.tmp").write_bytes(b"half")  # left by a crash before this fix
+    (tmp_path / "job-2" / "1.png").write_bytes(b"kept")
+    assert store.delete("job-2/0.png")
+    assert [p.name for p in (tmp_path / "job-2").iterdir()] == ["1.png"]
+    assert store.delete("job-2/1.png") and not (tmp_path / "job-2").exists() and tmp_path.exists()
+
+
+# ------------------------------------------------------------------ file:// URIs name a path only
+
+@pytest.mark.parametrize("uri", ["file://tmp/x", "file://outputs", "file://host.example/srv/out",
+                                 "file://user@/x", "file://127.0.0.1/x", "file:relative/x", "file:///x?y=1",
+                                 "file:///x#frag", "FILE://tmp/x"])
+def test_a_file_uri_with_a_host_or_no_absolute_path_is_refused(uri):
+    with pytest.raises(WorkerBroken) as e:
+        open_store(uri)
+    assert e.value.field == "OUTPUT_URI" and "OUTPUT_URI" in e.value.message
+
+
+def test_file_uri_forms_that_name_a_local_path(tmp_path):
+    for uri, path in [(f"file://{tmp_path}/a", tmp_path / "a"), (f"file://localhost{tmp_path}/b", tmp_path / "b"),
+                      (f"file:{tmp_path}/c", tmp_path / "c"), (f"file://{tmp_path}/my%20dir", tmp_path / "my dir")]:
+        store = open_store(uri)
+        assert isinstance(store, LocalStore) and store.root == path, uri
+
+
+def test_settings_with_a_hosted_file_uri_fail_at_load_naming_output_uri(tmp_path):
+    from app.config import Settings
+
+    with pytest.raises(WorkerBroken) as e:
+        Service.load(Settings(model="tiny-flux", output_uri="file://tmp/x", preflight=False, device="cpu",
+                              warmup=False))
+    assert e.value.field == "OUTPUT_URI" and "tmp" in e.value.message
