@@ -19,7 +19,7 @@ from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerB
 from app.limits import MAX_OUTPUT_BYTES
 from app.loading import load_pipeline
 from app.logs import redact
-from app.outputs import encode_image
+from app.outputs import encode_images
 from app.schema import CONTENT_TYPES, Job, JobResult, parse_job
 from app.checks import run_preflight
 from app.source import ModelSource, resolve
@@ -113,7 +113,7 @@ class Service:
         with timed(timings, "inference_ms"):
             images = self._generate(job, progress, t0)
         with timed(timings, "encode_ms"):
-            blobs = [encode_image(im, job.output_format, job.output_quality) for im in images]
+            blobs = encode_images(images, job.output_format, job.output_quality)
         with timed(timings, "upload_ms"):  # under the job's deadline too (a stalled store)
             deadline = time.monotonic() + self.settings.job_timeout_s - (time.perf_counter() - t0)
             outputs = self._upload(job, job_id, images, blobs, deadline)

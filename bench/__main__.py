@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     qk.add_argument("--fused-only", action="store_true", help="only app.fused's kernel against Inductor's fusion")
     ed = sub.add_parser("edit", help="Qwen-Image-Edit CFG step (20B transformer): stock vs recipe variants")
     ed.add_argument("variants", nargs="*", default=None, help="default: all (see bench/edit.py)")
+    enc = sub.add_parser("encode", help="output encode cost: PNG levels, JPEG, WEBP on a photo and on noise (CPU)")
+    enc.add_argument("--size", type=int, default=1024)
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
@@ -70,6 +72,10 @@ def main(argv=None) -> int:
         from bench.edit import VARIANTS, main as edit
 
         edit(tuple(args.variants or VARIANTS))
+    elif args.cmd == "encode":
+        from bench.encode import main as encode
+
+        encode(args.size)
     elif args.cmd == "coldstart":
         from bench.coldstart import main as coldstart
 
