@@ -35,6 +35,11 @@ def main(argv=None) -> int:
     ed.add_argument("variants", nargs="*", default=None, help="default: all (see bench/edit.py)")
     enc = sub.add_parser("encode", help="output encode cost: PNG levels, JPEG, WEBP on a photo and on noise (CPU)")
     enc.add_argument("--size", type=int, default=1024)
+    wp = sub.add_parser("warmpath", help="FLUX warm path: step caches, text-embedding cache, T5 length buckets")
+    wp.add_argument("--tiny", action="store_true")
+    wp.add_argument("--size", type=int, default=1024)
+    wp.add_argument("--steps", type=int, default=None)
+    wp.add_argument("--out", default="bench/results")
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
@@ -76,6 +81,10 @@ def main(argv=None) -> int:
         from bench.encode import main as encode
 
         encode(args.size)
+    elif args.cmd == "warmpath":
+        from bench.warmpath import main as warmpath
+
+        warmpath(args.tiny, args.size, args.steps, args.out)
     elif args.cmd == "coldstart":
         from bench.coldstart import main as coldstart
 

@@ -223,3 +223,16 @@ def test_edit_bench_plumbing_on_a_tiny_qwen_transformer(tmp_path, monkeypatch):
     assert res["stock_eager"]["cfg_step_s"] > 0
     (js,) = tmp_path.glob("edit_*.json")
     assert json.loads(js.read_text())["fp8_cpu"]["rel_err_vs_stock"] == res["fp8_cpu"]["rel_err_vs_stock"]
+
+
+def test_warmpath_bench_plumbing_on_the_tiny_flux(tmp_path):
+    from bench.warmpath import CACHES, main
+
+    res = main(tiny=True, size=64, steps=3, out_dir=str(tmp_path))
+    assert res["text_cache"]["hit_ms"] < res["text_cache"]["miss_ms"]
+    for name in CACHES:
+        assert "error" not in res[name] and res[name]["rel_l2_vs_uncached"] >= 0
+    lengths = sorted(res["buckets"])
+    assert res["buckets"][max(lengths)]["rel_l2_vs_longest"] == 0 and len(lengths) == 3
+    assert res["buckets"][min(lengths)]["rel_l2_vs_longest"] > 0  # a shorter T5 sequence changes the latents
+    assert list(tmp_path.glob("warmpath_*.json"))

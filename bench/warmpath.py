@@ -1,0 +1,97 @@
+"""python -m bench warmpath: what a warm FLUX worker can still shed, side by side in one process.
+
+FLUX.1-dev shape with random weights (`--tiny`: the embedded tiny model, plumbing only), the
+worker's FP8 recipe applied and warmed, then: opt-in step caches (app.step_cache) - end to end and
+the relative L2 of the final latents against the uncached run, same seed; the text-embedding cache
+(app.text_cache) - a miss (the encoders) against a hit; T5 prompt-length buckets - the denoise time
+at 128/256/384/512 tokens and the latents' deviation against 512 (the length FLUX.1-dev was
+trained with). The first call of each setting is reported apart (a recompile shows there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from app.families.flux import FAMILY as FLUX
+from app.optimize import apply_recipe
+from app.step_cache import step_cache
+from app.text_cache import TextCache, TextKey
+from bench import timing
+
+CACHES = ("fbcache", "taylorseer", "magcache")
+BUCKETS = (128, 256, 384, 512)
+
+
+def _rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return round(((a - b).norm() / b.norm()).item(), 5)
+
+
+def _latents(pipe, emb, kw):
+    g = torch.Generator(pipe.device.type).manual_seed(0)
+    return pipe(**emb, **kw, generator=g, output_type="latent").images
+
+
+def _timed_runs(fn, reps):
+    first, out = timing.timed(fn)
+    rest = [timing.timed(fn)[0] for _ in range(reps)]
+    return round(first, 3), timing.med(rest), out
+
+
+def run(pipe, family, size: int, steps: int, reps: int = 3, caches=CACHES, buckets=BUCKETS) -> dict:
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    kw = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=family.defaults.guidance)
+    res: dict = {"size": size, "steps": steps}
+    full = family.defaults.max_sequence_length
+    with torch.inference_mode():
+        # the text-embedding cache: a miss runs CLIP + T5, a hit is a dict lookup
+        cache = TextCache(64 << 20)
+        key = TextKey("bench", family.name, timing.PROMPT, None, full)
+        miss = [timing.timed(lambda: family.encode(pipe, timing.PROMPT))[0] for _ in range(reps)]
+        emb = family.encode(pipe, timing.PROMPT)
+        cache.put(key, emb)
+        hit = [timing.timed(lambda: cache.get(key))[0] for _ in range(reps)]
+        res["text_cache"] = dict(miss_ms=round(1000 * timing.med(miss), 2), hit_ms=round(1000 * timing.med(hit), 4))
+        first, base_s, base = _timed_runs(lambda: _latents(pipe, emb, kw), reps)
+        res["uncached"] = dict(first_s=first, denoise_s=base_s)
+        for name in caches:
+            with step_cache(getattr(pipe, family.denoiser), name, steps, FLUX_MAG_RATIOS):
+                try:
+                    first, s, lat = _timed_runs(lambda: _latents(pipe, emb, kw), reps)
+                    res[name] = dict(first_s=first, denoise_s=s, speedup=round(base_s / s, 2),
+                                     rel_l2_vs_uncached=_rel(lat, base))
+                except Exception as e:  # a cache that does not combine with the compiled recipe
+                    res[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        res["buckets"] = {}
+        ref = None
+        for length in sorted(buckets, reverse=True):
+            pe, ppe, _ = pipe.encode_prompt(prompt=timing.PROMPT, prompt_2=None, max_sequence_length=length)
+            e = dict(prompt_embeds=pe, pooled_prompt_embeds=ppe)
+            first, s, lat = _timed_runs(lambda: _latents(pipe, e, kw), reps)
+            ref = lat if ref is None else ref
+            res["buckets"][length] = dict(first_s=first, denoise_s=s, rel_l2_vs_longest=_rel(lat, ref))
+    return res
+
+
+def main(tiny: bool = False, size: int = 1024, steps: int | None = None, out_dir: str = "bench/results") -> dict:
+    from bench.latency import _recipe, versions
+    from bench.output import save_json
+
+    if tiny:
+        pipe, family = FLUX.build_tiny(), FLUX.tiny_variant()
+        buckets = (16, 32, 64)
+    else:
+        from bench.models import FULL_SIZE
+
+        pipe, family, buckets = FULL_SIZE["flux"](), FLUX, BUCKETS
+    pipe.set_progress_bar_config(disable=True)
+    # each bucket and cache hook is a new shape or graph for Dynamo: room for all of them (on CPU, no
+    # compile: the tiny run checks the plumbing, and CPU Inductor compiles take minutes)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    recipe = _recipe("flux", "off" if tiny else "regional", "fa3", None, True)
+    res = {"versions": versions(), "recipe": recipe.to_dict(), "apply_ms": apply_recipe(pipe, family, recipe)}
+    timing.warm(pipe, family, size)
+    res.update(run(pipe, family, size, steps or family.defaults.steps, buckets=buckets))
+    save_json(res, "warmpath", out_dir)
+    return res
