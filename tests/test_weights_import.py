@@ -118,7 +118,7 @@ def test_file_with_no_scales_at_all_is_refused(tmp_path, source):
     def strip_all(t, m):
         for k in [k for k in t if k.endswith(("weight_scale", "input_scale"))]:
             t.pop(k)
-    with pytest.raises(MissingScale, match="fp8-unscaled"):
+    with pytest.raises(MissingScale, match="codes reach 448 but the file has no scales: a scaled checkpoint whose scales were stripped"):
         _import(tmp_path, "ct-tensor", source, edit=strip_all)
 
 
@@ -166,11 +166,10 @@ def test_per_block_scales_are_dequantized(tmp_path, source):
 
 
 def test_config_is_inferred_for_flux_geometry():
-    from weights.importer import infer_flux_config
 
     shapes = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
               "double_blocks.0.img_attn.norm.query_norm.scale": (128,), "double_blocks.18.x.weight": (1,),
               "single_blocks.37.x.weight": (1,), "guidance_in.in_layer.weight": (3072, 256)}
-    cfg = infer_flux_config({k: torch.empty(s) for k, s in shapes.items()}, {})
+    cfg = flux_keys.infer_config(shapes)
     assert (cfg["num_layers"], cfg["num_single_layers"], cfg["num_attention_heads"], cfg["guidance_embeds"]) == (19, 38, 24, True)
     assert cfg["axes_dims_rope"] == [16, 56, 56] and cfg["joint_attention_dim"] == 4096

@@ -23,12 +23,13 @@ from loguru import logger
 
 from weights import manifest as mf
 from weights.errors import IntegrityError
+from weights.fp8 import FLOAT8
 from weights.quantize import fuse_qkv, quantize_denoiser, skip_patterns
 from weights.reader import read_shards
 from weights.serialize import is_subclass, shard_names, unflatten
 
 Shard = tuple[str, dict, dict]  # (name, tensors, safetensors metadata)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_DTYPES = FLOAT8  # never converted as numbers: refused where the skeleton expects another dtype
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,13 @@ def skeleton(folder: Path, precision: str, skip, dtype: torch.dtype = torch.bflo
     fp8: fused QKV + FP8Linear exactly where the bake put them (same function, same skip list).
     int8 and bf16: fused only; an int8 bake's torchao tensors replace the meta weights on assign.
     """
+    return build_skeleton(json.loads((folder / "config.json").read_text()), precision, skip, dtype, fused)
+
+
+def build_skeleton(config: dict, precision: str, skip, dtype: torch.dtype = torch.bfloat16, fused: bool = True):
+    """`skeleton` from a config dict."""
     import diffusers
 
-    config = json.loads((folder / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
     with torch.device("meta"):
         model = cls.from_config(config)
