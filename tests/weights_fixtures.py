@@ -103,9 +103,8 @@ def rewrite_header(path, edit) -> None:
     header = json.loads(data[8:8 + n])
     edit(header)
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (n - len(text))  # keep the data section where it was
-    assert len(text) == n
-    path.write_bytes(data[:8] + text + data[8 + n:])
+    text += b" " * max(0, n - len(text))  # data offsets are relative to the data section: any length works
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
 
 
 # ---- other families: tiny diffusers models written the way their published single files are ----

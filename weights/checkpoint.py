@@ -20,7 +20,7 @@ from weights.reader import entries, pread_exact
 from weights.serialize import read_file_header
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-CHUNK_ELEMENTS = 1 << 20  # rows are read and converted in pieces of about this many elements (4 MB of fp32)
+CHUNK_ELEMENTS = 1 << 18  # rows are read and converted in pieces of about this many elements (1 MB of fp32)
 
 
 def strip(key: str) -> str:
