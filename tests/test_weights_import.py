@@ -280,3 +280,100 @@ def test_family_config_is_inferred_from_shapes(which):
     cfg = keys.infer_config(wide)
     assert cfg["num_layers"] == 2 and cfg["attention_head_dim"] == 128 and cfg["num_attention_heads"] == 2
     assert cfg["_class_name"] == type(model).__name__
+
+
+# ---- plain casts vs stripped scales (FLUX: flux1-dev-fp8-e4m3fn is a plain cast) ----
+
+def _flux_published(tmp_path, source, style, edit=None):
+    from tests.weights_fixtures import write_published
+
+    model, cfg = source
+    bfl = flux_keys.to_bfl({k: v.detach() for k, v in model.state_dict().items()}, dict(model.config))
+    src = tmp_path / f"flux-{style}.safetensors"
+    written = write_published(src, bfl, style)
+    if edit:
+        rewrite(src, edit)
+    return src, cfg, written
+
+
+def test_plain_cast_is_accepted_with_scale_one(tmp_path, source):
+    src, cfg, written = _flux_published(tmp_path, source, "plain-cast")
+    out = tmp_path / "imported"
+    m = import_checkpoint(src, FLUX, out, config=cfg)
+    assert m["source"]["format"] == "fp8-unscaled" and m["source"]["scales"]["plain-cast"] == len(written) == 16
+    assert m["recipe"]["kept_bit_for_bit"] == 14 and m["recipe"]["requantized_per_row"] == 0
+    denoiser = load_denoiser(out, mf.read(out), CPU)[0]
+    layer = denoiser.transformer_blocks[0].attn.to_qkv
+    codes = written["double_blocks.0.img_attn.qkv.weight"][0]
+    assert torch.equal(layer.weight.view(torch.uint8), codes.view(torch.uint8)) and (layer.weight_scale == 1).all()
+    assert rel_err(denoiser, source[0]) < 0.10
+
+
+def test_plain_cast_threshold_is_far_from_both_kinds(source):
+    """The codes of the tiny model's plain cast stay near its weights (|w| < 2); scaled codes hit 448."""
+    from weights.formats import PLAIN_CAST_MAX_CODE
+
+    w = torch.cat([p.detach().float().reshape(-1) for p in source[0].parameters()])
+    assert w.abs().max() < PLAIN_CAST_MAX_CODE / 16 and PLAIN_CAST_MAX_CODE * 4 < 448
+
+
+def test_stripped_scaled_file_is_refused_naming_the_tensor(tmp_path, source):
+    src, cfg, _ = _flux_published(tmp_path, source, "stripped")
+    with pytest.raises(MissingScale, match=r"model\.diffusion_model\.double_blocks\.0\.\S+: FP8 codes reach 448"):
+        import_checkpoint(src, FLUX, tmp_path / "imported", config=cfg)
+
+
+@pytest.mark.parametrize("where", ["double_blocks.0.txt_mlp.2.weight", "single_blocks.1.linear1.weight"])
+def test_mixed_file_plain_cast_with_one_stripped_layer_is_refused(tmp_path, source, where):
+    """A plain cast in which one layer was scaled to 448 and lost its scale: that layer is named."""
+    key = COMFY + where
+
+    def scaled_one(t, m):
+        w = t[key].float()
+        t[key] = (w / (w.abs().amax() / 448)).to(torch.float8_e4m3fn)
+    src, cfg, _ = _flux_published(tmp_path, source, "plain-cast", scaled_one)
+    with pytest.raises(MissingScale, match=f"{key}: FP8 codes reach 448"):
+        import_checkpoint(src, FLUX, tmp_path / "imported", config=cfg)
+    assert not (tmp_path / "imported").exists()
+
+
+def test_mixed_file_scaled_with_one_layer_unscaled_is_refused(tmp_path, source):
+    """In a scaled file a weight without its scale is refused whatever its codes (no plain-cast guess)."""
+    key = f"{COMFY}double_blocks.0.img_mlp.2"
+
+    def unscale(t, m):
+        t[f"{key}.weight"] = (t[f"{key}.weight"].float() * t.pop(f"{key}.scale_weight")).to(torch.float8_e4m3fn)
+    src, cfg, _ = _flux_published(tmp_path, source, "scaled", unscale)
+    with pytest.raises(MissingScale, match=f"{key}.weight: FP8 weight without its scale"):
+        import_checkpoint(src, FLUX, tmp_path / "imported", config=cfg)
+
+
+# ---- every float8 dtype with a rule: decoded by its own format, never used as numbers ----
+
+@pytest.mark.parametrize("dtype,top", [(torch.float8_e5m2, 57344.0), (torch.float8_e4m3fnuz, 240.0),
+                                       (torch.float8_e5m2fnuz, 57344.0)])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_other_float8_dtypes_are_decoded_then_requantized(tmp_path, source, dtype, top, scaled):
+    key = "double_blocks.0.img_mlp.0"
+    ref = {}
+
+    def recode(t, m):
+        w = t[f"{key}.weight"].float() * t[f"{key}.weight_scale"]
+        s = w.abs().amax().reshape(1) / top if scaled else torch.ones(1)
+        t[f"{key}.weight"] = (w / s).to(dtype)
+        ref["w"] = t[f"{key}.weight"].float() * s
+        if scaled:
+            t[f"{key}.weight_scale"] = s
+        else:  # an unscaled file: every layer a plain cast
+            for k in [k for k in t if k.endswith("weight_scale")]:
+                layer = k.removesuffix("_scale")
+                if k != f"{key}.weight_scale":
+                    t[layer] = (t[layer].float() * t[k]).to(torch.float8_e4m3fn)
+                t.pop(k)
+    manifest, out, _ = _import(tmp_path, "ct-tensor", source, edit=recode)
+    assert manifest["recipe"]["requantized_per_row"] == 1
+    assert manifest["source"]["scales"][f"{str(dtype).removeprefix('torch.')} decoded"] == 1
+    layer = load_denoiser(out, mf.read(out), CPU)[0].transformer_blocks[0].ff.net[0].proj
+    deq = layer.weight.float() * layer.weight_scale
+    assert deq.abs().max() < 3  # codes used as numbers would reach 240..57344
+    assert ((deq - ref["w"]).abs() <= ref["w"].abs() * 2 ** -4 + layer.weight_scale * 2 ** -9).all()

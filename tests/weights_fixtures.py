@@ -167,7 +167,7 @@ def wan_original(name: str) -> str:
 def block_linears(tensors: dict) -> list[str]:
     """What the publishers quantize: 2-D weights inside the blocks (embedders and head stay bf16)."""
     return [k for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2 and k.startswith(
-        ("blocks.", "transformer_blocks."))]
+        ("blocks.", "transformer_blocks.", "double_blocks.", "single_blocks."))]
 
 
 def write_published(path, tensors: dict, style: str, marker: bool = False) -> dict:
