@@ -118,7 +118,7 @@ def test_file_with_no_scales_at_all_is_refused(tmp_path, source):
     def strip_all(t, m):
         for k in [k for k in t if k.endswith(("weight_scale", "input_scale"))]:
             t.pop(k)
-    with pytest.raises(MissingScale, match="fp8-unscaled"):
+    with pytest.raises(MissingScale, match="codes reach 448 but the file has no scales: a scaled checkpoint whose scales were stripped"):
         _import(tmp_path, "ct-tensor", source, edit=strip_all)
 
 
@@ -166,11 +166,214 @@ def test_per_block_scales_are_dequantized(tmp_path, source):
 
 
 def test_config_is_inferred_for_flux_geometry():
-    from weights.importer import infer_flux_config
 
     shapes = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
               "double_blocks.0.img_attn.norm.query_norm.scale": (128,), "double_blocks.18.x.weight": (1,),
               "single_blocks.37.x.weight": (1,), "guidance_in.in_layer.weight": (3072, 256)}
-    cfg = infer_flux_config({k: torch.empty(s) for k, s in shapes.items()}, {})
+    cfg = flux_keys.infer_config(shapes)
     assert (cfg["num_layers"], cfg["num_single_layers"], cfg["num_attention_heads"], cfg["guidance_embeds"]) == (19, 38, 24, True)
     assert cfg["axes_dims_rope"] == [16, 56, 56] and cfg["joint_attention_dim"] == 4096
+
+
+# ---- Qwen-Image and Wan: the importer through their key modules (families are elsewhere) ----
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from weights.quantize import FUSED, skip_patterns  # noqa: E402
+
+
+@dataclass
+class Spec:
+    """The parts of a model family the importer reads (app.families.Family provides them)."""
+
+    name: str
+    checkpoint_keys: str
+    fuse_qkv: bool
+    quant_skip: tuple = ()
+    denoiser: str = "transformer"
+    vram_gib: dict = field(default_factory=dict)
+
+    def skips(self, module: str) -> bool:
+        return skip_patterns(self.quant_skip)(module)
+
+
+QWEN = Spec("qwen-image", "weights.qwen_image_keys", fuse_qkv=False,  # its processor reads to_q/k/v
+            quant_skip=(r"img_in", r"txt_in", r"time_text_embed\..*", r"norm_out\..*", r"proj_out", r".*_mod\.1"))
+WAN = Spec("wan", "weights.wan_keys", fuse_qkv=True,
+           quant_skip=(r"condition_embedder\..*", r"proj_out", r"patch_embedding"))
+
+
+def _models():
+    from tests.weights_fixtures import tiny_qwen, tiny_wan, wan_original
+
+    return {"qwen": (QWEN, tiny_qwen(), lambda k: k), "wan": (WAN, tiny_wan(), wan_original)}
+
+
+MODELS = _models()
+
+
+def _published(tmp_path, which, style, marker=False):
+    from tests.weights_fixtures import write_published
+
+    spec, model, original = MODELS[which]
+    sd = {original(k): v.detach() for k, v in model.state_dict().items()}
+    src = tmp_path / f"{which}-{style}.safetensors"
+    written = write_published(src, sd, style, marker)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(model.to_json_string())
+    return src, cfg, written
+
+
+def _unfused_source(model, name: str) -> torch.Tensor:
+    """The source tensor for a loaded name: itself, or the concatenation of a fused projection's parts."""
+    sd = model.state_dict()
+    if name in sd:
+        return sd[name].float()
+    layer, _, suffix = name.rpartition(".")
+    attn, _, fused = layer.rpartition(".")
+    return torch.cat([sd[f"{attn}.{p}.{suffix}"] for p in FUSED[fused]]).float()
+
+
+@pytest.mark.parametrize("style,marker", [("scaled", False), ("scaled", True), ("plain-cast", False)])
+@pytest.mark.parametrize("which", ["qwen", "wan"])
+def test_family_import_equals_source_within_fp8_rounding(tmp_path, which, style, marker):
+    spec, model, _ = MODELS[which]
+    src, cfg, written = _published(tmp_path, which, style, marker)
+    out = tmp_path / "imported"
+    m = import_checkpoint(src, spec, out, config=cfg)
+    assert m["source"]["format"] == ("fp8-unscaled" if style == "plain-cast" else "comfyui-legacy")
+    assert m["recipe"]["kept_bit_for_bit"] > 0 and m["recipe"]["requantized_per_row"] == 0
+    denoiser = load_denoiser(out, mf.read(out), CPU)[0]
+    assert type(denoiser).__name__ == type(model).__name__
+    fp8 = {n: mod for n, mod in denoiser.named_modules() if isinstance(mod, FP8Linear)}
+    assert len(fp8) == m["recipe"]["quantized_layers"]
+    assert any(".to_qkv" in n for n in fp8) == spec.fuse_qkv  # Qwen keeps to_q/k/v apart
+    loaded = {**{n: t for n, t in denoiser.state_dict().items() if not n.endswith((".weight_scale",))},
+              **{f"{n}.weight": mod.weight.float() * mod.weight_scale for n, mod in fp8.items()}}
+    for name, t in loaded.items():
+        ref = _unfused_source(model, name)
+        err = (t.float() - ref).abs()
+        assert (err <= ref.abs() * 2 ** -4 + ref.abs().max() * 2 ** -9 + 2 ** -9).all(), name
+
+
+@pytest.mark.parametrize("which", ["qwen", "wan"])
+def test_family_import_refuses_stripped_scales(tmp_path, which):
+    spec, _, _ = MODELS[which]
+    src, cfg, _ = _published(tmp_path, which, "stripped")
+    with pytest.raises(MissingScale, match="scales were stripped") as e:
+        import_checkpoint(src, spec, tmp_path / "imported", config=cfg)
+    assert "model.diffusion_model." in str(e.value)  # names the tensor as the file does
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, "config.json"])  # nothing left
+
+
+@pytest.mark.parametrize("which", ["qwen", "wan"])
+def test_family_config_is_inferred_from_shapes(which):
+    """Shapes of the real geometry (proxies: only the header matters) give the real config."""
+    import importlib
+
+    spec, model, original = MODELS[which]
+    keys = importlib.import_module(spec.checkpoint_keys)
+    shapes = {original(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    with pytest.raises(UnknownFormat, match="pass --config"):
+        keys.infer_config(shapes)
+    wide = {k: tuple(d * 8 if d in (16, 32) else d for d in s) for k, s in shapes.items()}  # head 128, width 256
+    cfg = keys.infer_config(wide)
+    assert cfg["num_layers"] == 2 and cfg["attention_head_dim"] == 128 and cfg["num_attention_heads"] == 2
+    assert cfg["_class_name"] == type(model).__name__
+
+
+# ---- plain casts vs stripped scales (FLUX: flux1-dev-fp8-e4m3fn is a plain cast) ----
+
+def _flux_published(tmp_path, source, style, edit=None):
+    from tests.weights_fixtures import write_published
+
+    model, cfg = source
+    bfl = flux_keys.to_bfl({k: v.detach() for k, v in model.state_dict().items()}, dict(model.config))
+    src = tmp_path / f"flux-{style}.safetensors"
+    written = write_published(src, bfl, style)
+    if edit:
+        rewrite(src, edit)
+    return src, cfg, written
+
+
+def test_plain_cast_is_accepted_with_scale_one(tmp_path, source):
+    src, cfg, written = _flux_published(tmp_path, source, "plain-cast")
+    out = tmp_path / "imported"
+    m = import_checkpoint(src, FLUX, out, config=cfg)
+    assert m["source"]["format"] == "fp8-unscaled" and m["source"]["scales"]["plain-cast"] == len(written) == 16
+    assert m["recipe"]["kept_bit_for_bit"] == 14 and m["recipe"]["requantized_per_row"] == 0
+    denoiser = load_denoiser(out, mf.read(out), CPU)[0]
+    layer = denoiser.transformer_blocks[0].attn.to_qkv
+    codes = written["double_blocks.0.img_attn.qkv.weight"][0]
+    assert torch.equal(layer.weight.view(torch.uint8), codes.view(torch.uint8)) and (layer.weight_scale == 1).all()
+    assert rel_err(denoiser, source[0]) < 0.10
+
+
+def test_plain_cast_threshold_is_far_from_both_kinds(source):
+    """The codes of the tiny model's plain cast stay near its weights (|w| < 2); scaled codes hit 448."""
+    from weights.formats import PLAIN_CAST_MAX_CODE
+
+    w = torch.cat([p.detach().float().reshape(-1) for p in source[0].parameters()])
+    assert w.abs().max() < PLAIN_CAST_MAX_CODE / 16 and PLAIN_CAST_MAX_CODE * 4 < 448
+
+
+def test_stripped_scaled_file_is_refused_naming_the_tensor(tmp_path, source):
+    src, cfg, _ = _flux_published(tmp_path, source, "stripped")
+    with pytest.raises(MissingScale, match=r"model\.diffusion_model\.double_blocks\.0\.\S+: FP8 codes reach 448"):
+        import_checkpoint(src, FLUX, tmp_path / "imported", config=cfg)
+
+
+@pytest.mark.parametrize("where", ["double_blocks.0.txt_mlp.2.weight", "single_blocks.1.linear1.weight"])
+def test_mixed_file_plain_cast_with_one_stripped_layer_is_refused(tmp_path, source, where):
+    """A plain cast in which one layer was scaled to 448 and lost its scale: that layer is named."""
+    key = COMFY + where
+
+    def scaled_one(t, m):
+        w = t[key].float()
+        t[key] = (w / (w.abs().amax() / 448)).to(torch.float8_e4m3fn)
+    src, cfg, _ = _flux_published(tmp_path, source, "plain-cast", scaled_one)
+    with pytest.raises(MissingScale, match=f"{key}: FP8 codes reach 448"):
+        import_checkpoint(src, FLUX, tmp_path / "imported", config=cfg)
+    assert not (tmp_path / "imported").exists()
+
+
+def test_mixed_file_scaled_with_one_layer_unscaled_is_refused(tmp_path, source):
+    """In a scaled file a weight without its scale is refused whatever its codes (no plain-cast guess)."""
+    key = f"{COMFY}double_blocks.0.img_mlp.2"
+
+    def unscale(t, m):
+        t[f"{key}.weight"] = (t[f"{key}.weight"].float() * t.pop(f"{key}.scale_weight")).to(torch.float8_e4m3fn)
+    src, cfg, _ = _flux_published(tmp_path, source, "scaled", unscale)
+    with pytest.raises(MissingScale, match=f"{key}.weight: FP8 weight without its scale"):
+        import_checkpoint(src, FLUX, tmp_path / "imported", config=cfg)
+
+
+# ---- every float8 dtype with a rule: decoded by its own format, never used as numbers ----
+
+@pytest.mark.parametrize("dtype,top", [(torch.float8_e5m2, 57344.0), (torch.float8_e4m3fnuz, 240.0),
+                                       (torch.float8_e5m2fnuz, 57344.0)])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_other_float8_dtypes_are_decoded_then_requantized(tmp_path, source, dtype, top, scaled):
+    key = "double_blocks.0.img_mlp.0"
+    ref = {}
+
+    def recode(t, m):
+        w = t[f"{key}.weight"].float() * t[f"{key}.weight_scale"]
+        s = w.abs().amax().reshape(1) / top if scaled else torch.ones(1)
+        t[f"{key}.weight"] = (w / s).to(dtype)
+        ref["w"] = t[f"{key}.weight"].float() * s
+        if scaled:
+            t[f"{key}.weight_scale"] = s
+        else:  # an unscaled file: every layer a plain cast
+            for k in [k for k in t if k.endswith("weight_scale")]:
+                layer = k.removesuffix("_scale")
+                if k != f"{key}.weight_scale":
+                    t[layer] = (t[layer].float() * t[k]).to(torch.float8_e4m3fn)
+                t.pop(k)
+    manifest, out, _ = _import(tmp_path, "ct-tensor", source, edit=recode)
+    assert manifest["recipe"]["requantized_per_row"] == 1
+    assert manifest["source"]["scales"][f"{str(dtype).removeprefix('torch.')} decoded"] == 1
+    layer = load_denoiser(out, mf.read(out), CPU)[0].transformer_blocks[0].ff.net[0].proj
+    deq = layer.weight.float() * layer.weight_scale
+    assert deq.abs().max() < 3  # codes used as numbers would reach 240..57344
+    assert ((deq - ref["w"]).abs() <= ref["w"].abs() * 2 ** -4 + layer.weight_scale * 2 ** -9).all()

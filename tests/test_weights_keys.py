@@ -36,3 +36,19 @@ def test_round_trip_on_tiny_geometry():
     sd = {k: v for k, v in model.state_dict().items()}
     back = flux_keys.to_diffusers(flux_keys.to_bfl(sd, dict(model.config)), dict(model.config))
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_wan_original_names_round_trip_through_diffusers_converter():
+    """Every name of a tiny Wan 2.1 I2V model, written as Kijai / Comfy-Org files name it, is renamed back
+    by diffusers' own convert_wan_transformer_to_diffusers (what weights.wan_keys calls)."""
+    from tests.weights_fixtures import tiny_wan, wan_original
+    from weights import wan_keys
+
+    names = list(tiny_wan().state_dict())
+    original = {wan_original(k): k for k in names}
+    assert len(original) == len(names) and not any(o == d and "blocks." in o and ".attn" in o for o, d in original.items())
+    assert {"blocks.0.self_attn.q.weight", "blocks.0.cross_attn.k_img.weight", "blocks.0.ffn.0.weight",
+            "blocks.0.norm3.weight", "blocks.0.modulation", "head.head.weight", "head.modulation",
+            "patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+            "time_projection.1.weight", "img_emb.proj.1.weight"} <= set(original)
+    assert wan_keys.renamed(original) == {d: o for o, d in original.items()}

@@ -103,6 +103,91 @@ def rewrite_header(path, edit) -> None:
     header = json.loads(data[8:8 + n])
     edit(header)
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (n - len(text))  # keep the data section where it was
-    assert len(text) == n
-    path.write_bytes(data[:8] + text + data[8 + n:])
+    text += b" " * max(0, n - len(text))  # data offsets are relative to the data section: any length works
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+# ---- other families: tiny diffusers models written the way their published single files are ----
+
+def _randomize(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model.to(torch.bfloat16).eval()
+
+
+def tiny_qwen():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize(QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)))
+
+
+def tiny_wan():
+    """Wan 2.1 I2V shape: image embedder and the image keys/values of cross-attention."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return _randomize(WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, image_dim=32, added_kv_proj_dim=32))
+
+
+# diffusers name -> Wan original name, the inverse of diffusers' convert_wan_transformer_to_diffusers
+# (tests/test_weights_keys.py checks the round trip through diffusers' function).
+_WAN_BACK = [("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+             ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+             ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+             ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+             ("condition_embedder.time_proj", "time_projection.1"),
+             ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+             ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+             ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+             ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+             ("attn1", "self_attn"), ("attn2", "cross_attn"), (".to_out.0.", ".o."), (".to_q.", ".q."),
+             (".to_k.", ".k."), (".to_v.", ".v."), (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."),
+             (".norm_added_k.", ".norm_k_img."), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+             (".norm2.", ".norm3.")]
+
+
+def wan_original(name: str) -> str:
+    if name == "scale_shift_table":
+        return "head.modulation"
+    if name.startswith("proj_out."):
+        return "head.head." + name.removeprefix("proj_out.")
+    for d, o in _WAN_BACK:
+        name = name.replace(d, o)
+    return name.replace(".scale_shift_table", ".modulation")
+
+
+def block_linears(tensors: dict) -> list[str]:
+    """What the publishers quantize: 2-D weights inside the blocks (embedders and head stay bf16)."""
+    return [k for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2 and k.startswith(
+        ("blocks.", "transformer_blocks.", "double_blocks.", "single_blocks."))]
+
+
+def write_published(path, tensors: dict, style: str, marker: bool = False) -> dict:
+    """Write original-named bf16 `tensors` as a published file; return {weight: (codes, scale)}.
+
+    scaled      FP8 codes + per-tensor `<layer>.scale_weight` (Kijai's Wan files; ComfyUI's with `marker`)
+    plain-cast  the weights cast to float8_e4m3fn, no scales (Comfy-Org's fp8_e4m3fn files)
+    stripped    a scaled file with every scale removed (what must be refused)
+    """
+    out, written = dict(tensors), {}
+    for key in block_linears(tensors):
+        if style == "plain-cast":
+            codes, scale = tensors[key].to(FP8), torch.ones(())
+        else:
+            codes, scale = quantize(tensors[key], per_channel=False)
+            if style == "scaled":
+                out[f"{key.removesuffix('.weight')}.scale_weight"] = scale.reshape(())
+        out[key] = codes
+        written[key] = (codes, scale)
+    if marker and style == "scaled":
+        out["scaled_fp8"] = torch.empty(0, dtype=FP8)
+    save_file({COMFY + k: v.contiguous() for k, v in out.items()}, str(path))
+    return written

@@ -18,13 +18,18 @@ def _importable() -> list[str]:
     return sorted(name for name, fam in FAMILIES.items() if fam.checkpoint_keys is not None)
 
 
+OUT_HELP = ("the baked directory to write. It must be absent, empty, or a previous bake (its manifest.json "
+            "lists every file in it): the result is written beside it and swapped in when complete, and a "
+            "failed run leaves nothing behind; any other folder is refused (nothing is ever deleted)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m weights", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bake", help="write a baked directory (denoiser pre-quantized) from a model")
     b.add_argument("--model", required=True, help="hub id, local diffusers directory, or tiny-flux/tiny-sdxl")
     b.add_argument("--revision")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help=OUT_HELP)
     b.add_argument("--precision", choices=("fp8", "int8", "bf16"), default="fp8")
     b.add_argument("--device", choices=("cuda", "cpu"), help="where to quantize (default: cuda if present)")
     b.add_argument("--offline", action="store_true", help="no downloads (HF_HUB_OFFLINE semantics)")
@@ -32,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("src")
     i.add_argument("--family", required=True, choices=_importable(),
                    help="the model family whose single-file key names the checkpoint uses")
-    i.add_argument("--out", required=True)
-    i.add_argument("--config", help="the transformer's config.json (inferred for FLUX.1 geometry if absent)")
+    i.add_argument("--out", required=True, help=OUT_HELP)
+    i.add_argument("--config", help="the transformer's config.json (inferred from the tensor shapes if absent)")
     i.add_argument("--base", help="local diffusers directory providing the other components (VAE, encoders)")
     s = sub.add_parser("inspect", help="format, dtypes, quantized layers and scale coverage")
     s.add_argument("path")
@@ -47,7 +52,10 @@ def bake(model: str, out: str, precision: str = "fp8", revision: str | None = No
     """Bake MODEL (hub id, diffusers folder, tiny-<family>) into `out`; return the manifest."""
     from app.loading import source_pipeline
     from app.source import resolve
+    from weights import outdir
     from weights.bake import bake_pipeline
+
+    outdir.check(out)  # before any download or quantization
 
     source = resolve(model, revision, offline)
     return bake_pipeline(source_pipeline(source), source.family, out, precision,
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             m = import_checkpoint(args.src, family_named(args.family), args.out, args.config, args.base)
             out = {"out": args.out, "source": m["source"], "quantized_layers": m["recipe"]["quantized_layers"]}
         elif args.command == "inspect":
-            from weights.inspect import inspect_path
+            from weights.inspection import inspect_path
 
             out = inspect_path(args.path)
         else:
@@ -79,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             out = verify(args.dir)
     except (WeightsError, WorkerBroken) as e:
         print(json.dumps({"ok": False, "error": e.type, "message": e.message}), file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the command cannot read or write: a refusal, not a traceback
+        print(json.dumps({"ok": False, "error": "os_error", "message": f"{e.filename or ''}: {e.strerror or e}"}),
+              file=sys.stderr)
         return 2
     print(json.dumps(out, indent=1, default=str))
     return 0 if out.get("usable", True) else 2

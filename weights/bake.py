@@ -4,14 +4,13 @@ Every component except the denoiser is written by its own `save_pretrained` (bf1
 through `weights.quantize.quantize_denoiser` (the runtime recipe's own step: fused QKV, then
 `FP8Linear` per row on the block linears, the family's skip list kept) and `serialize.write_denoiser`
 (its state_dict as plain safetensors shards). Quantizing is the same arithmetic on a CPU build machine
-and on a GPU (`weights.fp8.quantize_rows`). The output appears atomically: it is written to
-`OUT.partial` and renamed when complete. Which model to bake (a hub id, a folder, an embedded tiny
+and on a GPU (`weights.fp8.quantize_rows`). `--out` follows `weights.outdir`'s rule (absent, empty
+or a previous bake; written beside it and swapped in when complete; nothing else is ever deleted). Which model to bake (a hub id, a folder, an embedded tiny
 model) is resolved by the caller, `python -m weights bake`, from the worker's model families.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +18,7 @@ import torch
 from loguru import logger
 
 from weights import manifest as mf
+from weights import outdir
 from weights.quantize import quantize_denoiser
 from weights.serialize import write_denoiser
 
@@ -54,26 +54,21 @@ def bake_pipeline(pipe, family: BakeSpec, out: str | Path, precision: str, sourc
     """Write a baked directory at `out` from an in-memory pipeline (consumed); return its manifest."""
     if precision not in RECIPES:
         raise ValueError(f"unknown precision {precision!r} (one of {', '.join(RECIPES)})")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    outdir.check(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser = getattr(pipe, family.denoiser).to(device)
     quantized = quantize_denoiser(denoiser, precision, family.skips, fuse=family.fuse_qkv)
     logger.info("baking {} -> {} ({} linears quantized to {})", source.get("id"), out, len(quantized), precision)
-    tmp.mkdir(parents=True)
-    write_denoiser(denoiser, tmp / family.denoiser)
-    setattr(pipe, family.denoiser, None)  # free it before the other components are written
-    del denoiser
-    save_components(pipe, family.denoiser, tmp)
-    manifest = mf.write(tmp, {
-        "source": source,
-        "family": family.name,
-        "denoiser": family.denoiser,
-        "recipe": {"precision": precision, "fused_qkv": family.fuse_qkv, "config": RECIPES[precision],
-                   "skip": list(family.quant_skip), "quantized_layers": len(quantized)},
-        "vram_gib": family.vram_gib.get(precision),
-    })
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return manifest
+    with outdir.staged(out) as tmp:
+        write_denoiser(denoiser, tmp / family.denoiser)
+        setattr(pipe, family.denoiser, None)  # free it before the other components are written
+        del denoiser
+        save_components(pipe, family.denoiser, tmp)
+        return mf.write(tmp, {
+            "source": source,
+            "family": family.name,
+            "denoiser": family.denoiser,
+            "recipe": {"precision": precision, "fused_qkv": family.fuse_qkv, "config": RECIPES[precision],
+                       "skip": list(family.quant_skip), "quantized_layers": len(quantized)},
+            "vram_gib": family.vram_gib.get(precision),
+        })

@@ -40,3 +40,15 @@ class UnknownFormat(WeightsError):
     """A checkpoint whose format or key names we do not recognise."""
 
     type = "unknown_format"
+
+
+class BadValues(WeightsError):
+    """A tensor holds values that cannot be weights: NaN or infinite (FP8 NaN/inf codes included)."""
+
+    type = "bad_values"
+
+
+class OutputExists(WeightsError):
+    """`--out` holds something this command did not create: it is never replaced."""
+
+    type = "output_exists"

@@ -14,7 +14,34 @@ from __future__ import annotations
 
 import torch
 
+from weights.errors import UnknownFormat
+
 Entry = tuple[str, str, object]
+CLASS_NAME = "FluxTransformer2DModel"
+
+
+def infer_config(shape: dict[str, tuple]) -> dict:
+    """A FluxTransformer2DModel config from BFL key names and shapes (FLUX.1: head dim 128)."""
+    try:
+        inner, in_ch = shape["img_in.weight"]
+        head = shape["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        config = {"_class_name": CLASS_NAME, "patch_size": 1, "in_channels": in_ch,
+                  "num_layers": 1 + max(int(k.split(".")[1]) for k in shape if k.startswith("double_blocks.")),
+                  "num_single_layers": 1 + max(int(k.split(".")[1]) for k in shape if k.startswith("single_blocks.")),
+                  "attention_head_dim": head, "num_attention_heads": inner // head,
+                  "joint_attention_dim": shape["txt_in.weight"][1],
+                  "pooled_projection_dim": shape["vector_in.in_layer.weight"][1],
+                  "guidance_embeds": "guidance_in.in_layer.weight" in shape}
+    except (KeyError, ValueError, IndexError):
+        raise UnknownFormat("not a FLUX transformer checkpoint (BFL key names expected: img_in, double_blocks...)") from None
+    if head != 128:
+        raise UnknownFormat(f"head dim {head} is not FLUX.1's 128: pass --config with the transformer's config.json")
+    return {**config, "axes_dims_rope": [16, 56, 56]}
+
+
+def entries(keys, config: dict) -> list[Entry]:
+    """The key map of this file: FLUX's is fixed by the config (`table`)."""
+    return table(config)
 
 
 def geometry(config: dict) -> dict:

@@ -20,6 +20,10 @@ from torch import nn
 
 E4M3_MAX = 448.0
 E4M3 = torch.float8_e4m3fn  # the dtype of every stored and run-time FP8 code here
+# Every 8-bit float dtype this torch knows (e4m3fn, e5m2, their fnuz variants, e8m0fnu, any later one):
+# raw codes of any of them must never be cast to numbers without their format's rule.
+FLOAT8 = tuple(getattr(torch, n) for n in sorted(dir(torch)) if n.startswith("float8_")
+               and isinstance(getattr(torch, n), torch.dtype))
 # torch._scaled_mm (cuBLASLt FP8) requires K and N to be multiples of 16; other linears stay as they are.
 ALIGN = 16
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,12 +24,13 @@ from loguru import logger
 
 from weights import manifest as mf
 from weights.errors import IntegrityError
+from weights.fp8 import FLOAT8
 from weights.quantize import fuse_qkv, quantize_denoiser, skip_patterns
 from weights.reader import read_shards
 from weights.serialize import is_subclass, shard_names, unflatten
 
 Shard = tuple[str, dict, dict]  # (name, tensors, safetensors metadata)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_DTYPES = FLOAT8  # never converted as numbers: refused where the skeleton expects another dtype
 
 
 @dataclass(frozen=True)
@@ -56,18 +58,44 @@ def skeleton(folder: Path, precision: str, skip, dtype: torch.dtype = torch.bflo
     fp8: fused QKV + FP8Linear exactly where the bake put them (same function, same skip list).
     int8 and bf16: fused only; an int8 bake's torchao tensors replace the meta weights on assign.
     """
+    return build_skeleton(json.loads((folder / "config.json").read_text()), precision, skip, dtype, fused)
+
+
+def build_skeleton(config: dict, precision: str, skip, dtype: torch.dtype = torch.bfloat16, fused: bool = True):
+    """`skeleton` from a config dict."""
     import diffusers
 
-    config = json.loads((folder / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
-    with torch.device("meta"):
+    with _params_on_meta():
         model = cls.from_config(config)
+    computed = {n: b for n, b in model.named_buffers() if not b.is_meta}
     model.to(dtype)
+    for n, b in computed.items():  # e.g. Wan's RoPE tables: kept as computed (fp32), not cast
+        parent, _, attr = n.rpartition(".")
+        model.get_submodule(parent)._buffers[attr] = b
     if precision == "fp8":
         quantize_denoiser(model, "fp8", skip, fuse=fused)
     elif fused:
         fuse_qkv(model)
     return model
+
+
+@contextmanager
+def _params_on_meta():
+    """Parameters on the meta device, buffers real: the non-persistent buffers a model computes in its
+    constructor (Wan's RoPE tables) are in no file, so they must exist; parameters are only shapes."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _place(key: str, t: torch.Tensor, like: torch.Tensor, device: str, name: str) -> torch.Tensor:
@@ -110,6 +138,10 @@ def fill(model, shards: Iterable[Shard], device: str):
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise IntegrityError(f"baked denoiser does not fit its skeleton: {str(e)[:500]}") from None
+    for module in model.modules():  # constructor-computed buffers (not in the files) follow the weights
+        for n in module._non_persistent_buffers_set:
+            if module._buffers.get(n) is not None:
+                module._buffers[n] = module._buffers[n].to(device)
     left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
     if left:
         raise IntegrityError(f"baked denoiser left tensors on the meta device: {left[:3]}")

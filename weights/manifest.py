@@ -22,17 +22,27 @@ FORMAT = "diffusion-worker/baked"
 # v2: FP8 denoisers as FP8Linear plain tensors (v1 held torchao Float8Tensor layouts: re-bake those).
 VERSION = 2
 HASH_CHUNK_BYTES = 64 << 20
+READ_BYTES = 4 << 20
 
 
 def file_digest(path: Path, chunk: int | None = None) -> dict:
-    """{"size", "sha256", "chunks": [sha256 of each chunk]} of one file."""
+    """{"size", "sha256", "chunks": [sha256 of each chunk]} of one file, read READ_BYTES at a time (the
+    threads of `digest_tree` each hold one such buffer, not a whole chunk)."""
     chunk = chunk or HASH_CHUNK_BYTES
     whole, chunks, size = hashlib.sha256(), [], 0
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            whole.update(block)
-            chunks.append(hashlib.sha256(block).hexdigest())
-            size += len(block)
+        while True:
+            part, left = hashlib.sha256(), chunk
+            while left and (block := f.read(min(READ_BYTES, left))):
+                whole.update(block)
+                part.update(block)
+                left -= len(block)
+            if left == chunk:
+                break
+            chunks.append(part.hexdigest())
+            size += chunk - left
+            if left:
+                break
     return {"size": size, "sha256": whole.hexdigest(), "chunks": chunks}
 
 

@@ -16,9 +16,10 @@ import torch
 from weights.fp8 import fits_scaled_mm, swap_linears
 
 # Projections made redundant by each fused one (diffusers' `fuse_projections`): self-attention gets
-# `to_qkv`, cross-attention (SDXL) only `to_kv` (its `to_q` stays in use), FLUX's text stream `to_added_qkv`.
+# `to_qkv`, cross-attention (SDXL, Wan) only `to_kv` (its `to_q` stays in use), FLUX's text stream
+# `to_added_qkv`, Wan I2V's image keys/values `to_added_kv`.
 FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
-         "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+         "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"), "to_added_kv": ("add_k_proj", "add_v_proj")}
 
 PRECISIONS = ("fp8", "int8", "bf16", "fp32", "none")
 

@@ -50,15 +50,22 @@ def entries(header: dict, data_bytes: int, name: str) -> list[_Entry]:
     """The header's tensors sorted by offset, each byte range checked against its shape and the file."""
     out = []
     for key, info in header.items():
-        dtype = _DTYPES.get(info.get("dtype"))
+        if not isinstance(info, dict):
+            raise IntegrityError(f"{name}: tensor {key}: header entry is not an object (altered header?)")
+        dtype = _DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
         if dtype is None:
             raise IntegrityError(f"{name}: tensor {key} has unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and isinstance(shape, list)
+                and all(type(v) is int and v >= 0 for v in offsets + shape)):
+            raise IntegrityError(f"{name}: tensor {key}: shape {shape} / data_offsets {offsets} are not "
+                                 "non-negative integers (altered header?)")
+        begin, end = offsets
+        shape = tuple(shape)
         numel = 1
         for d in shape:
             numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        if end - begin != numel * dtype.itemsize:
             raise IntegrityError(f"{name}: tensor {key} spans bytes {begin}-{end} but its shape {list(shape)} "
                                  f"and dtype need {numel * dtype.itemsize} (altered header?)")
         if end > data_bytes:

@@ -16,6 +16,7 @@ Reading shards (local or streamed) is `weights.reader`'s job.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -33,7 +34,11 @@ _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E8M0": torch.float8_e8m0fnu,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
+_NAMES = {v: k for k, v in _DTYPES.items()}
+MAX_HEADER_BYTES = 100 << 20  # far above any real header (FLUX.1-dev's is ~100 KB); bounds a hostile one
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -107,13 +112,80 @@ def read_header(data: bytes | memoryview, name: str) -> tuple[dict, int]:
     if len(data) < 8:
         raise IntegrityError(f"{name}: {len(data)} bytes, too short for a safetensors header (truncated?)")
     (n,) = struct.unpack("<Q", bytes(data[:8]))
-    if 8 + n > len(data) or n > 100 << 20:
+    if 8 + n > len(data) or n > MAX_HEADER_BYTES:
         raise IntegrityError(f"{name}: header length {n} exceeds the file ({len(data)} bytes; truncated?)")
     try:
         header = json.loads(bytes(data[8:8 + n]))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise IntegrityError(f"{name}: the safetensors header is not valid JSON (altered or truncated)") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise IntegrityError(f"{name}: the safetensors header is not a JSON object of tensors (altered?)")
     return header, 8 + n
+
+
+def read_file_header(path: Path) -> tuple[dict, int, int]:
+    """(header, data offset, file size) of a local safetensors file, the header length bounded by the
+    file's own size before anything is allocated (a length of 1e12 is a refusal, not a MemoryError)."""
+    path = Path(path)
+    if not path.exists():
+        raise IntegrityError(f"{path}: no such file")
+    if not path.is_file():
+        raise IntegrityError(f"{path}: not a file (a single .safetensors checkpoint is expected)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(8)
+        if len(first) < 8:
+            raise IntegrityError(f"{path}: {len(first)} bytes, too short for a safetensors header (truncated?)")
+        (n,) = struct.unpack("<Q", first)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise IntegrityError(f"{path}: header length {n} exceeds the file ({size} bytes; truncated or not "
+                                 "a safetensors file?)")
+        header, start = read_header(first + f.read(n), str(path))
+    return header, start, size
+
+
+def write_streamed(folder: Path, specs: list[tuple[str, torch.dtype, tuple]], produce,
+                   max_shard_bytes: int | None = None) -> list[Path]:
+    """Write shards + index of tensors described by `specs` [(name, dtype, shape)], in that order,
+    whose bytes come from `produce(name)`, an iterator of tensors (row pieces) written as they come:
+    memory holds one piece at a time, never a shard (safetensors' save_file copies a whole shard)."""
+    max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {n: math.prod(s) * d.itemsize for n, d, s in specs}
+    groups, cur, total = [], [], 0
+    for spec in specs:
+        if cur and total + sizes[spec[0]] > max_shard_bytes:
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(spec)
+        total += sizes[spec[0]]
+    groups += [cur] if cur else []
+    paths, weight_map = [], {}
+    for i, group in enumerate(groups, 1):
+        name = f"{SHARD_PREFIX}-{i:05d}-of-{len(groups):05d}.safetensors"
+        header, at = {}, 0
+        for n, d, s in group:
+            header[n] = {"dtype": _NAMES[d], "shape": list(s), "data_offsets": [at, at + sizes[n]]}
+            at += sizes[n]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(folder / name, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for n, d, s in group:
+                wrote = 0
+                for piece in produce(n):
+                    if piece.dtype != d:
+                        raise IntegrityError(f"{n}: produced {piece.dtype}, the header says {d}")
+                    data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    f.write(memoryview(data))
+                    wrote += data.nbytes
+                if wrote != sizes[n]:
+                    raise IntegrityError(f"{n}: produced {wrote} bytes, its shape {list(s)} needs {sizes[n]}")
+        weight_map.update({n: name for n, _, _ in group})
+        paths.append(folder / name)
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": sum(sizes.values())},
+                                                 "weight_map": weight_map}, indent=1))
+    return paths
 
 
 def unflatten(tensors: dict, metadata: dict, name: str) -> dict:

@@ -1,7 +1,9 @@
 """`python -m weights inspect PATH`: what a baked directory or a single checkpoint file holds.
 
 Reads headers only for baked directories (no tensor data); a single file is read through the
-same checker the importer uses, so a missing scale shows up here before an import is attempted.
+same checks the importer runs (a piece at a time), so a missing or zero scale, a NaN code or a
+stripped-scale file shows up here as `usable: false` before an import is attempted. Named
+`inspection`, not `inspect`, so it never shadows the standard library's module.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ from pathlib import Path
 from weights import formats
 from weights import manifest as mf
 from weights.errors import WeightsError
-from weights.serialize import read_header
+from weights.checkpoint import CheckpointFile
+from weights.fp8 import FLOAT8
+from weights.serialize import _NAMES, read_file_header
 
 
 def _header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        return read_header(head + f.read(n), str(path))[0]
+    return read_file_header(path)[0]
 
 
 def inspect_baked(root: Path) -> dict:
@@ -51,29 +52,22 @@ def inspect_baked(root: Path) -> dict:
 
 
 def inspect_file(path: Path) -> dict:
-    """Format, dtypes, FP8 layer count and scale coverage of a single checkpoint file."""
-    header = _header(path)
-    metadata = header.pop("__metadata__", {}) or {}
-    keys = [formats.strip(k) for k in header]
-    dtypes = Counter(info["dtype"] for info in header.values())
-    fmt = formats.detect(keys, {k: _dtype(i["dtype"]) for k, i in zip(keys, header.values())}, metadata)
-    fp8 = [k for k, i in zip(keys, header.values()) if i["dtype"].startswith("F8")
-           and k.endswith(".weight")]
-    scaled = [k for k in fp8 if formats.scale_key(k, fmt) in set(keys)]
-    report = {"path": str(path), "format": fmt, "dtypes": dict(dtypes), "fp8_weights": len(fp8),
-              "fp8_weights_with_scale": len(scaled), "unscaled": sorted(set(fp8) - set(scaled))[:10]}
-    try:
-        ckpt = formats.read(path)
-        report.update(usable=True, scales=ckpt.notes)
-    except WeightsError as e:
-        report.update(usable=False, problem=e.message)
+    """Format, dtypes, FP8 layer count and scale coverage of a single checkpoint file, and whether the
+    importer would take it (the same checks: scales, codes, NaN/inf, duplicates; no conversion)."""
+    with CheckpointFile(path) as ckpt:
+        tensors = ckpt.tensors
+        fmt = formats.detect(list(tensors), {k: t.dtype for k, t in tensors.items()}, ckpt.metadata)
+        dtypes = Counter(_NAMES.get(t.dtype, str(t.dtype)) for t in tensors.values())
+        fp8 = [k for k, t in tensors.items() if t.dtype in FLOAT8 and k.endswith(".weight")]
+        scaled = [k for k in fp8 if formats.scale_key(k, fmt) in tensors]
+        report = {"path": str(path), "format": fmt, "dtypes": dict(dtypes), "fp8_weights": len(fp8),
+                  "fp8_weights_with_scale": len(scaled), "unscaled": sorted(set(fp8) - set(scaled))[:10]}
+        try:
+            plan = formats.read_plan(ckpt)
+            report.update(usable=True, scales=dict(plan.notes))
+        except WeightsError as e:
+            report.update(usable=False, problem=e.message)
     return report
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}.get(name, torch.bfloat16)
 
 
 def inspect_path(path: str | Path) -> dict:
