@@ -1,7 +1,8 @@
 """The model families the worker serves, one module each; this registry finds them.
 
-Every module of this package other than `base` defines `FAMILY`: adding a family is adding its
-module (its pipeline call, defaults, limits, skip list, tiny build), nothing else here.
+Every module of this package other than `base` defines `FAMILY` (or a tuple of them, one per pipeline
+class it serves): adding a family is adding its module (its pipeline call, defaults, limits, skip
+list, tiny build), nothing else here.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def _discover() -> dict[str, Family]:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name in _NOT_FAMILIES or info.name.startswith("_"):
             continue
-        fam = importlib.import_module(f"{__name__}.{info.name}").FAMILY
-        found[fam.name] = fam
+        fams = importlib.import_module(f"{__name__}.{info.name}").FAMILY
+        for fam in fams if isinstance(fams, tuple) else (fams,):
+            found[fam.name] = fam
     return found
 
 
