@@ -13,6 +13,7 @@ image) live with the family in `app.families` because they depend on the model.
 | MAX_OUTPUT_BYTES         | 64 MiB       | worst case (4 x 2048^2 PNG of noise ~ 50 MiB) fits; bounds upload |
 | MAX_INPUT_IMAGE_BYTES    | 20 MiB       | an input image larger than this is not a photo             |
 | MAX_INPUT_IMAGE_PIXELS   | 4096 x 4096  | decompression-bomb guard, checked from the header          |
+| MAX_INPUT_REF_CHARS      | 8,192 chars  | an input image URL or s3:// key (data: URIs: the byte cap)  |
 | FETCH_CONNECT_TIMEOUT_S  | 5 s          | per connection                                             |
 | FETCH_READ_TIMEOUT_S     | 10 s         | per read (a stalled server)                                |
 | FETCH_DEADLINE_S         | 30 s         | whole fetch, redirects included (a slow drip)              |
@@ -32,6 +33,7 @@ MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 MAX_INPUT_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_INPUT_IMAGE_PIXELS = 4096 * 4096
 INPUT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_INPUT_REF_CHARS = 8192
 
 FETCH_CONNECT_TIMEOUT_S = 5.0
 FETCH_READ_TIMEOUT_S = 10.0

@@ -136,9 +136,9 @@ def warmup(pipe, family, jobs) -> dict:
     size are fast; past torch._dynamo's recompile limit it runs eager.
     """
     out = {}
-    for job in jobs:
+    for job, images in jobs:
         t0 = time.perf_counter()
-        family.generate(pipe, job)
+        family.generate(pipe, job, images=images)
         out[f"{job.width}x{job.height}"] = round((time.perf_counter() - t0) * 1000, 1)
     logger.info("warm-up: {}", out)
     return out

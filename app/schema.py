@@ -1,8 +1,13 @@
 """The public job contract: one model, `Job`, for what a caller sends and what the pipeline runs.
 
 `parse_job(raw, family)` is the one door: validation reads the serving family from the validation
-context, checks its limits and fills its defaults (size, steps, guidance; a random seed), so a
-validated Job has every field resolved. The first bad field raises InvalidInput naming it.
+context, checks its limits and fills its defaults (size, steps, guidance, strength; a random seed),
+so a validated Job has every field resolved but one: a job with input images that gives no size
+gets it from its first image once the images are loaded (`Family.output_size`, then
+`Job.with_size`). The first bad field raises InvalidInput naming it.
+
+Input images (`image`, or `images` for a list) are references checked here by scheme and length
+only; `app.inputs` fetches and decodes them under app.fetch's guards before any GPU work.
 """
 
 from __future__ import annotations
@@ -10,35 +15,59 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator, \
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator, \
     model_validator
 
 from app.errors import InvalidInput
-from app.limits import MAX_IMAGES, MAX_OUTPUT_BYTES, MAX_PROMPT_CHARS, MAX_STEPS, output_bytes_bound
+from app.limits import MAX_IMAGES, MAX_INPUT_IMAGE_BYTES, MAX_INPUT_REF_CHARS, MAX_OUTPUT_BYTES, MAX_PROMPT_CHARS, \
+    MAX_STEPS, output_bytes_bound
 
 Int = Annotated[int, Strict()]  # "512" or true are refused: JSON callers send numbers
 Float = Annotated[float, Strict()]  # 3 and 3.5 pass; "3.5", true and b"3" are refused like for Int
 MAX_SEED = 2**32 - 1
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Fields a caller may leave out (or send as null) that the family's defaults fill.
-DEFAULTED = ("width", "height", "num_inference_steps", "guidance_scale", "seed")
+DEFAULTED = ("width", "height", "num_inference_steps", "guidance_scale", "seed", "strength")
+INPUT_SCHEMES = ("https", "http", "data", "s3")
+DATA_URI_CHARS = len("data:image/webp;base64,") + (MAX_INPUT_IMAGE_BYTES + 2) // 3 * 4
+
+
+def _image_ref(v: str) -> str:
+    """An input image reference as far as it can be judged without fetching: scheme and length."""
+    scheme = v.split(":", 1)[0].lower() if ":" in v else ""
+    if scheme not in INPUT_SCHEMES:
+        shown = _safe_field(scheme)[:16] + ":" if scheme else "(none)"
+        raise ValueError(f"scheme {shown} not allowed (use https://, http://, data: or s3://)")
+    if len(v) > (DATA_URI_CHARS if scheme == "data" else MAX_INPUT_REF_CHARS):
+        what = f"over the {MAX_INPUT_IMAGE_BYTES} byte limit" if scheme == "data" else \
+            f"longer than {MAX_INPUT_REF_CHARS} characters"
+        raise ValueError(f"{'data: URI' if scheme == 'data' else 'URL'} is {what}")
+    return v
+
+
+ImageRef = Annotated[str, Strict(), AfterValidator(_image_ref)]
 
 
 class Job(BaseModel):
-    """A text-to-image job. Omitted sizes, steps and guidance are the serving family's defaults."""
+    """A generation job: text-to-image, or with input images (image-to-image, edit) where the family
+    takes them. Omitted sizes, steps, guidance and strength are the serving family's defaults; a job
+    with input images and no size has width and height None until `with_size` resolves them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    width: Int
-    height: Int
+    width: Int | None
+    height: Int | None
     num_inference_steps: Int = Field(ge=1, le=MAX_STEPS)
     guidance_scale: Float = Field(ge=0, le=30, allow_inf_nan=False)
     seed: Int = Field(ge=0, le=MAX_SEED)
     num_images: Int = Field(1, ge=1, le=MAX_IMAGES)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: Int = Field(90, ge=1, le=100)
+    image: ImageRef | None = None
+    images: list[ImageRef] | None = Field(None, max_length=16)  # the family's own limit is checked below
+    strength: Float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -50,6 +79,12 @@ class Job(BaseModel):
         d = fam.defaults
         filled = dict(width=d.width, height=d.height, num_inference_steps=d.steps, guidance_scale=d.guidance,
                       seed=secrets.randbelow(MAX_SEED + 1))
+        with_inputs = data.get("image") is not None or data.get("images") is not None
+        if with_inputs:
+            # the size follows the first input image unless the job gives it (both sides, checked below)
+            filled.update(width=None, height=None)
+            if fam.task(True) == "img2img":
+                filled["strength"] = fam.default_strength
         return {**filled, **data}
 
     @field_validator("prompt")
@@ -69,8 +104,10 @@ class Job(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _side(cls, v: int, info: ValidationInfo):
+    def _side(cls, v: int | None, info: ValidationInfo):
         fam = _family(info)
+        if v is None:
+            return v
         if v % fam.multiple:
             raise ValueError(f"must be a multiple of {fam.multiple}")
         if not fam.min_side <= v <= fam.max_side:
@@ -81,16 +118,80 @@ class Job(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _inputs(self, info: ValidationInfo):
+        """Input images as the family takes them: how many, whether required, and what strength means."""
+        fam = _family(info)
+        if self.image is not None and self.images is not None:
+            raise _FieldError("images", "give image (one) or images (a list), not both")
+        if self.images is not None and not self.images:
+            raise _FieldError("images", "must hold at least one image (or leave it out)")
+        n, field = len(self.inputs), "image" if self.image is not None else "images"
+        limit = fam.image_limit
+        if n and not limit:
+            raise _FieldError(field, f"the {fam.name} family takes no input image (text-to-image only)")
+        if n > limit:
+            raise _FieldError("images", f"at most {limit} input image{'s' * (limit > 1)} for the {fam.name} "
+                                        f"family, got {n}")
+        if fam.requires_image and not n:
+            raise _FieldError("image", f"the {fam.name} family edits an input image: give image "
+                                       f"(or images, up to {limit})")
+        if n and (self.width is None) != (self.height is None):
+            missing = "width" if self.width is None else "height"
+            raise _FieldError(missing, "give width and height together, or neither (the size then follows "
+                                       "the input image)")
+        if self.strength is not None:
+            if fam.task(bool(n)) != "img2img":
+                why = "send an image" if fam.img2img_class else f"the {fam.name} family has no image-to-image task"
+                raise _FieldError("strength", f"applies to image-to-image jobs only ({why})")
+            if int(self.num_inference_steps * self.strength) < 1:
+                raise _FieldError("strength", f"{self.strength:g} x {self.num_inference_steps} steps runs no "
+                                              "denoising step; raise strength or num_inference_steps")
+        return self
+
+    @model_validator(mode="after")
     def _output_bound(self):
-        if output_bytes_bound(self.width, self.height, self.num_images) > MAX_OUTPUT_BYTES:
-            raise _FieldError("num_images", f"{self.num_images} x {self.width}x{self.height} may exceed the "
-                                            f"{MAX_OUTPUT_BYTES >> 20} MiB output limit")
+        if self.width is not None and self.height is not None:
+            _check_output_bound(self.width, self.height, self.num_images)
         return self
 
     @property
     def seeds(self) -> list[int]:
         """One seed per image, so each image is reproducible on its own."""
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The input image references in job order (`image`, or the `images` list); () for a text job."""
+        if self.image is not None:
+            return (self.image,)
+        return tuple(self.images or ())
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        """Each input's field name as errors name it: `image`, or `images[0]`, `images[1]`..."""
+        if self.image is not None:
+            return ("image",)
+        return tuple(f"images[{i}]" for i in range(len(self.images or ())))
+
+    @property
+    def size_from_input(self) -> bool:
+        """True until `with_size` sets the size a job with input images left to its first image."""
+        return self.width is None or self.height is None
+
+    def with_size(self, width: int, height: int) -> "Job":
+        """This job at the size its family resolved from the inputs (`Family.output_size`); InvalidInput
+        naming num_images when the outputs at that size could exceed the output limit."""
+        try:
+            _check_output_bound(width, height, self.num_images)
+        except _FieldError as e:
+            raise InvalidInput(f"{e.field}: {e.message}", field=e.field) from None
+        return self.model_copy(update={"width": width, "height": height})
+
+
+def _check_output_bound(width: int, height: int, num_images: int) -> None:
+    if output_bytes_bound(width, height, num_images) > MAX_OUTPUT_BYTES:
+        raise _FieldError("num_images", f"{num_images} x {width}x{height} may exceed the "
+                                        f"{MAX_OUTPUT_BYTES >> 20} MiB output limit")
 
 
 class _FieldError(ValueError):
@@ -123,11 +224,19 @@ def _invalid(e: ValidationError) -> InvalidInput:
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, _FieldError):
         return InvalidInput(f"{cause.field}: {cause.message}", field=cause.field)
-    field = _safe_field(".".join(str(p) for p in err["loc"])) or "input"
+    field = _safe_field(_loc_name(err["loc"])) or "input"
     if err["type"] == "extra_forbidden":
         return InvalidInput(f"{field}: unknown field", field=field)
     msg = err["msg"].removeprefix("Value error, ")
     return InvalidInput(f"{field}: {msg}", field=field)
+
+
+def _loc_name(loc) -> str:
+    """("images", 1) -> "images[1]": a list item named as the caller wrote it."""
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
 
 
 def _safe_field(name: str) -> str:

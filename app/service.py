@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Callable
 
 from loguru import logger
@@ -16,6 +17,8 @@ from loguru import logger
 from app.config import Settings
 from app.cost import job_cost
 from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerBroken, WorkerError
+from app.fetch import FetchLimits
+from app.inputs import load_inputs
 from app.limits import MAX_OUTPUT_BYTES
 from app.loading import load_pipeline
 from app.logs import redact
@@ -23,7 +26,7 @@ from app.outputs import encode_images
 from app.schema import CONTENT_TYPES, Job, JobResult, parse_job
 from app.checks import run_preflight
 from app.source import ModelSource, resolve
-from app.storage import OutputStore, object_key, open_store, store_prefix
+from app.storage import OutputStore, object_key, open_store, s3_client, store_prefix
 from preflight import Plan
 
 Progress = Callable[[int, int], None]
@@ -41,6 +44,10 @@ def timed(timings: dict, name: str):
 
 
 class Service:
+    # How input images are fetched. Never from the environment: tests open the address guard's seam on
+    # an instance (FetchLimits.allow_networks), no deployment can.
+    fetch_limits: FetchLimits = FetchLimits()
+
     def __init__(self, pipe, source: ModelSource, settings: Settings, plan: Plan, store: OutputStore,
                  cold_start: dict):
         self.pipe, self.source, self.settings, self.plan, self.store = pipe, source, settings, plan, store
@@ -48,6 +55,7 @@ class Service:
         self.family = source.family if source.tiny else source.family.variant(getattr(pipe, source.family.denoiser).config)
         self.cold_start = cold_start  # reported with the first result, then dropped
         self.broken = False
+        self._s3 = None  # the boto3 client s3:// inputs are read with, made on the first such job
 
     @classmethod
     def load(cls, settings: Settings, store: OutputStore | None = None) -> "Service":
@@ -72,7 +80,7 @@ class Service:
         recipe = choose_recipe(plan, settings, family)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
-        shapes = [(j.width, j.height) for j in warm_jobs]
+        shapes = [(w.job.width, w.job.height) for w in warm_jobs]
         compiled = recipe.compile != "off"
         key = compile_cache.cache_key(plan.gpu_name, plan.capability, source.cache_identity(), recipe.to_dict(),
                                       shapes)
@@ -108,10 +116,17 @@ class Service:
         with timed(timings, "validate_ms"):
             job = parse_job(raw, self.family)
             _check_job_id(self.store, job_id)  # before any GPU work: the outputs are stored under it
-        logger.info("job: {}x{}, {} steps, {} image(s)", job.width, job.height, job.num_inference_steps, job.num_images)
+        inputs = None
+        if job.inputs:  # fetched and decoded before any GPU work; the size may follow the first image
+            with timed(timings, "inputs_ms"):
+                deadline = time.monotonic() + self.settings.job_timeout_s - (time.perf_counter() - t0)
+                inputs = load_inputs(job, self._fetch_limits(job), deadline)
+                job = job.with_size(*self.family.output_size(job, inputs))
+        logger.info("job: {} {}x{}, {} steps, {} image(s)", self.family.task(bool(job.inputs)), job.width, job.height,
+                    job.num_inference_steps, job.num_images)
         logger.debug("prompt: {!r}", job.prompt)
         with timed(timings, "inference_ms"):
-            images = self._generate(job, progress, t0)
+            images = self._generate(job, progress, t0, inputs)
         with timed(timings, "encode_ms"):
             blobs = encode_images(images, job.output_format, job.output_quality)
         with timed(timings, "upload_ms"):  # under the job's deadline too (a stalled store)
@@ -125,7 +140,16 @@ class Service:
         logger.info("job done in {} ms", timings["total_ms"])
         return result.model_dump(exclude_none=True)
 
-    def _generate(self, job: Job, progress: Progress | None, t0: float) -> list:
+    def _fetch_limits(self, job: Job) -> FetchLimits:
+        """The fetch limits with the worker's S3 client when the job reads an s3:// input (made once)."""
+        limits = self.fetch_limits
+        if limits.s3_client is None and any(ref[:5].lower() == "s3://" for ref in job.inputs):
+            if self._s3 is None:
+                self._s3 = s3_client(limits.connect_timeout_s, limits.read_timeout_s, max_attempts=3)
+            limits = replace(limits, s3_client=self._s3)
+        return limits
+
+    def _generate(self, job: Job, progress: Progress | None, t0: float, inputs: list | None = None) -> list:
         deadline = t0 + self.settings.job_timeout_s
 
         def on_step(step: int, total: int) -> None:
@@ -137,7 +161,7 @@ class Service:
         import torch
 
         try:
-            return self.family.generate(self.pipe, job, on_step)
+            return self.family.generate(self.pipe, job, on_step, inputs)
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:
@@ -226,7 +250,7 @@ def _check_job_id(store, job_id) -> None:
         raise InvalidInput(f"id: {e.message}", field="id") from None
 
 
-def _warmup_jobs(family, shapes) -> list[Job]:
+def _warmup_jobs(family, shapes) -> list:
     """The warm-up jobs for SHAPES (default: the family's buckets); a size the family cannot serve breaks
     the worker at start, naming SHAPES, rather than failing every job of that size later."""
     jobs = []

@@ -34,7 +34,7 @@ def test_given_values_are_kept():
     raw = {"prompt": "a cat", "negative_prompt": "blur", "width": 512, "height": 768, "num_inference_steps": 7,
            "guidance_scale": 0, "seed": 0, "num_images": 4, "output_format": "webp", "output_quality": 1}
     job = parse(raw)
-    assert job.model_dump(exclude={"max_sequence_length"}) == raw
+    assert job.model_dump(exclude={"max_sequence_length"}, exclude_none=True) == raw
     assert job.seeds == [0, 1, 2, 3]
 
 

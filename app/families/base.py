@@ -3,7 +3,9 @@
 A family names its diffusers pipeline and denoiser, its defaults and size limits, its shape buckets
 (warmed before the first job), which denoiser layers stay bf16 under FP8, how a job becomes the
 pipeline's call, its tiny random build, and the VRAM preflight expects. The base class holds the
-text-to-image behaviour shared by the current families; a family module subclasses what differs.
+text-to-image behaviour shared by the current families, image-to-image from the same loaded weights
+(`img2img_class`, built with `from_pipe`) and the hooks an edit family (`max_images`,
+`requires_image`) overrides for its pipeline's argument names; a family module subclasses what differs.
 The model's own config picks the variant (`variant`): never the file name. Family modules import
 torch inside their methods: `python -m preflight` resolves the model through them, and must report a
 torch that does not import instead of crashing on it.
@@ -11,14 +13,27 @@ torch that does not import instead of crashing on it.
 
 from __future__ import annotations
 
+import math
 import re
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
+from app.errors import WorkerBroken
 from app.schema import Job, parse_job
 
 StepCallback = Callable[[int, int], None]
 WARMUP_STEPS = 2  # two denoiser calls per bucket: the second captures CUDA graphs where they are on
+# A placeholder reference for warm-up jobs of image families: never fetched, the images are made in code.
+WARMUP_IMAGE_REF = "data:image/png;base64,"
+_derived: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # loaded pipe -> {class name: from_pipe pipeline}
+
+
+class Warmup(NamedTuple):
+    """One warm-up run: the job and its synthetic input images (None for a text job)."""
+
+    job: Job
+    images: list | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,13 @@ class Family:
     tiny_defaults: Defaults | None = None
     checkpoint_keys: str | None = None  # the module mapping published single-file key names (weights import)
     tiny: bool = False  # this is the embedded tiny variant
+    # Input images. max_images 0: the family takes none (a job with one is refused naming the field),
+    # unless img2img_class names the diffusers pipeline that runs image-to-image on the loaded weights
+    # (built with from_pipe: the same modules, no second copy); then a job sending one image runs it.
+    max_images: int = 0
+    requires_image: bool = False  # an edit family: a job without an input image is refused (`image`)
+    img2img_class: str | None = None
+    default_strength: float = 0.8  # image-to-image: how much of the input is re-noised (1 = all of it)
 
     # -- identity and variants ---------------------------------------------------------------------
     def skips(self, module_name: str) -> bool:
@@ -71,9 +93,60 @@ class Family:
         """The embedded tiny random pipeline (real classes, narrow and shallow): a family module's own."""
         raise NotImplementedError(f"the {self.name} family has no tiny build")
 
+    # -- input images --------------------------------------------------------------------------------
+    @property
+    def image_limit(self) -> int:
+        """How many input images a job may send: max_images, or one for image-to-image."""
+        return self.max_images or (1 if self.img2img_class else 0)
+
+    def task(self, with_inputs: bool) -> str:
+        """What a job runs: "text" (no input image), "edit" (an edit family) or "img2img"."""
+        if not with_inputs:
+            return "text"
+        return "edit" if self.max_images else "img2img"
+
+    def output_size(self, job: Job, images: list) -> tuple[int, int]:
+        """The job's size if it gave one; else the first input image's, fitted to this family's limits."""
+        if not job.size_from_input:
+            return job.width, job.height
+        return self.fit_size(*images[0].size)
+
+    def fit_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) with the aspect ratio kept as closely as the multiple allows: scaled down to
+        max_pixels and max_side, up to min_side, each side rounded to the multiple and within bounds."""
+        m = self.multiple
+        scale = min(1.0, math.sqrt(self.max_pixels / (width * height)), self.max_side / max(width, height))
+        scale = max(scale, self.min_side / min(width, height))
+        lo, hi = -(-self.min_side // m) * m, self.max_side // m * m
+        w, h = (min(hi, max(lo, round(x * scale / m) * m)) for x in (width, height))
+        while w * h > self.max_pixels:  # rounding up may cross the pixel cap: take a multiple off the long side
+            if w >= h:
+                w -= m
+            else:
+                h -= m
+        return w, h
+
+    def pipeline_for(self, pipe, job: Job):
+        """The pipeline that runs `job`: the loaded one, or its image-to-image twin for an img2img job."""
+        if self.task(bool(job.inputs)) != "img2img":
+            return pipe
+        return derived_pipeline(pipe, self.img2img_class, self.denoiser)
+
+    def img2img_steps(self, job: Job) -> int:
+        """Denoising steps an image-to-image job runs: the noisiest (1 - strength) share is skipped."""
+        return int(job.num_inference_steps * job.strength)
+
+    def fit_input(self, image, width: int, height: int):
+        """An input image at exactly (width, height), as image-to-image pipelines start from it."""
+        from PIL import Image
+
+        return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
+
     # -- jobs ----------------------------------------------------------------------------------------
-    def call_kwargs(self, job: Job, on_step: StepCallback | None = None) -> dict:
-        """The pipeline call for `job`: one generator per image (each image reproducible on its own seed)."""
+    def call_kwargs(self, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> dict:
+        """The pipeline call for `job`: one generator per image (each image reproducible on its own seed).
+        An image-to-image job gets its input (one copy per output, each encoded with that output's
+        generator, so every image still depends on its own seed only) and `strength`."""
         import torch
 
         kw = dict(
@@ -87,9 +160,12 @@ class Family:
         )
         if self.negative_prompt and job.negative_prompt:
             kw["negative_prompt"] = [job.negative_prompt] * job.num_images
+        total = job.num_inference_steps
+        if images and self.task(True) == "img2img":
+            kw["image"] = [self.fit_input(images[0], job.width, job.height)] * job.num_images
+            kw["strength"] = job.strength
+            total = self.img2img_steps(job)
         if on_step is not None:
-            total = job.num_inference_steps
-
             def _callback(pipe, step, timestep, tensors):
                 on_step(step + 1, total)
                 return tensors
@@ -97,17 +173,27 @@ class Family:
             kw["callback_on_step_end"] = _callback
         return kw
 
-    def generate(self, pipe, job: Job, on_step: StepCallback | None = None) -> list:
-        """Run `job`; return its outputs (PIL images, one per seed)."""
+    def generate(self, pipe, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> list:
+        """Run `job` (its input images decoded, RGB, in job order; None for a text job); return its
+        outputs (PIL images, one per seed)."""
         import torch
 
+        runner = self.pipeline_for(pipe, job)
         with torch.inference_mode():
-            return pipe(**self.call_kwargs(job, on_step)).images
+            return runner(**self.call_kwargs(job, on_step, images)).images
 
-    def warmup_jobs(self, shapes) -> list[Job]:
-        """The synthetic short jobs warm-up runs through `generate`: one per bucket, seed 0."""
-        return [parse_job({"prompt": "warm up", "width": w, "height": h, "num_inference_steps": WARMUP_STEPS,
-                           "seed": 0}, self) for w, h in shapes]
+    def warmup_jobs(self, shapes) -> list[Warmup]:
+        """The synthetic short jobs warm-up runs through `generate`: one per bucket, seed 0. An edit
+        family's carry one synthetic input image at the bucket's size, so the reference image's
+        tokens are part of the warmed shapes."""
+        out = []
+        for w, h in shapes:
+            raw = {"prompt": "warm up", "width": w, "height": h, "num_inference_steps": WARMUP_STEPS, "seed": 0}
+            if self.requires_image:
+                raw["image"] = WARMUP_IMAGE_REF
+            job = parse_job(raw, self)
+            out.append(Warmup(job, [synthetic_image(w, h)] if job.inputs else None))
+        return out
 
     # -- parts of a job, for the benchmarks (stock vs recipe on the same inputs) ---------------------
     def encode(self, pipe, prompt: str) -> dict:
@@ -121,3 +207,37 @@ class Family:
     def denoiser_inputs(self, pipe, width: int, height: int, seed: int = 0) -> dict:
         """Random inputs of one denoiser forward at this size (the fidelity check's)."""
         raise NotImplementedError
+
+
+def synthetic_image(width: int, height: int, seed: int = 0):
+    """A deterministic RGB test card made in code (no file): smooth gradients plus seeded noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], axis=-1)
+    noise = rng.integers(-24, 25, size=(height, width, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype("uint8"), "RGB")
+
+
+def derived_pipeline(pipe, class_name: str, denoiser: str):
+    """`class_name` built on `pipe`'s loaded modules with diffusers' `from_pipe`, once per loaded pipe.
+
+    Rebuilt when the loaded pipe's denoiser was swapped since (the recipe wraps or compiles it in
+    place). Every module must be the very object the loaded pipe holds: a second copy of the weights
+    would double the memory, so it breaks the worker instead of serving.
+    """
+    import diffusers
+
+    cache = _derived.setdefault(pipe, {})
+    built = cache.get(class_name)
+    if built is None or getattr(built, denoiser) is not getattr(pipe, denoiser):
+        built = getattr(diffusers, class_name).from_pipe(pipe)
+        built.set_progress_bar_config(disable=True)
+        copied = [name for name, mod in pipe.components.items()
+                  if mod is not None and name in built.components and built.components[name] is not mod]
+        if copied:
+            raise WorkerBroken(f"{class_name}.from_pipe copied {', '.join(copied)} instead of sharing them")
+        cache[class_name] = built
+    return built

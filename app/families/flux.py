@@ -1,5 +1,6 @@
 """FLUX.1 (dev and schnell) text-to-image: `FluxPipeline` over `FluxTransformer2DModel`.
 
+A job that sends an image runs image-to-image (`FluxImg2ImgPipeline` on the same loaded modules).
 Guidance-distilled: no negative prompt (that would need true CFG, two passes a step). The variant
 comes from the transformer's config: FLUX.1-dev has guidance embeddings (28 steps, guidance 3.5),
 FLUX.1-schnell has none (4 steps, guidance 0, 256 T5 tokens).
@@ -22,16 +23,23 @@ class Flux(Family):
             return replace(self, defaults=replace(self.defaults, steps=4, guidance=0.0, max_sequence_length=256))
         return self
 
-    def call_kwargs(self, job: Job, on_step: StepCallback | None = None) -> dict:
-        kw = super().call_kwargs(job, on_step)
+    def call_kwargs(self, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> dict:
+        kw = super().call_kwargs(job, on_step, images)
         kw["max_sequence_length"] = self.defaults.max_sequence_length
         return kw
 
+    def img2img_steps(self, job: Job) -> int:
+        # FluxImg2ImgPipeline.get_timesteps skips int(steps * (1 - strength)): one more than SDXL's count
+        steps = job.num_inference_steps
+        return steps - int(max(steps - steps * job.strength, 0))
+
     def build_tiny(self, guidance_embeds: bool = True):
-        """FluxPipeline with a 3-block transformer, tiny CLIP and T5, and an 8x VAE."""
+        """The family's pipeline class (FluxPipeline) with a 3-block transformer, tiny CLIP and T5, and an
+        8x VAE."""
+        import diffusers
         import torch
 
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
         from app.tiny import clip_config, eval_mode, tokenizer, vae
@@ -48,7 +56,7 @@ class Flux(Family):
             shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
             base_image_seq_len=256, max_image_seq_len=4096,
         )
-        return eval_mode(FluxPipeline(
+        return eval_mode(getattr(diffusers, self.pipeline_class)(
             scheduler=scheduler, text_encoder=CLIPTextModel(clip_config()), tokenizer=tokenizer(77),
             text_encoder_2=t5, tokenizer_2=tokenizer(PROMPT_TOKENS), transformer=transformer,
             vae=vae(4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
@@ -99,4 +107,6 @@ FAMILY = Flux(
     vram_gib={"bf16": 36.0, "fp8": 22.0, "int8": 22.0},
     tiny_defaults=Defaults(256, 256, 4, 3.5, 64),
     checkpoint_keys="weights.flux_keys",
+    img2img_class="FluxImg2ImgPipeline",  # a job sending an image runs image-to-image on the same weights
+    default_strength=0.8,
 )

@@ -1,6 +1,7 @@
 """Stable Diffusion XL text-to-image: `StableDiffusionXLPipeline` over `UNet2DConditionModel`.
 
-Classifier-free guidance: both halves in one batched UNet forward, so a negative prompt costs nothing
+A job that sends an image runs image-to-image (`StableDiffusionXLImg2ImgPipeline` on the same loaded
+modules). Classifier-free guidance: both halves in one batched UNet forward, so a negative prompt costs nothing
 extra. Launch-bound (70 compiled transformer blocks per UNet call with eager ResNets between them),
 so CUDA graphs are on by default: 46.7 -> 38.9 ms/step on an H200 at 1024x1024
 (bench/results/latency_sdxl_nographs_h200.json, latency_sdxl_graphs_h200.json).
@@ -10,11 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.families.base import Defaults, Family
+from app.families.base import Defaults, Family, StepCallback
+from app.schema import Job
 
 
 @dataclass(frozen=True)
 class SDXL(Family):
+    def call_kwargs(self, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> dict:
+        kw = super().call_kwargs(job, on_step, images)
+        if "image" in kw:  # StableDiffusionXLImg2ImgPipeline takes its size from the image (fitted already)
+            del kw["height"], kw["width"]
+        return kw
+
     def build_tiny(self):
         """StableDiffusionXLPipeline with a two-level UNet, two tiny CLIP encoders and an 8x VAE."""
         import torch
@@ -79,4 +87,6 @@ FAMILY = SDXL(
     cuda_graphs=True,
     vram_gib={"bf16": 12.0, "fp8": 10.0, "int8": 10.0},
     tiny_defaults=Defaults(256, 256, 4, 5.0),
+    img2img_class="StableDiffusionXLImg2ImgPipeline",  # a job sending an image: same UNet, VAE and encoders
+    default_strength=0.8,
 )
