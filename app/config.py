@@ -62,7 +62,7 @@ class Settings(BaseModel):
     compile_cache_uri: str | None = None
     weights_uri: str | None = None
     cache_dir: str = "/tmp/diffusion-worker"
-    job_timeout_s: float = Field(600.0, gt=0)
+    job_timeout_s: float | None = Field(None, gt=0)  # None: the model family's default (Family.job_timeout_s)
     preflight: bool = True
     warmup: bool = True
 

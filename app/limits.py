@@ -11,6 +11,9 @@ image) live with the family in `app.families` because they depend on the model.
 | MAX_STEPS                | 100          | quality saturates long before; bounds a job's GPU time     |
 | MAX_IMAGES               | 4            | batch memory grows linearly; 4 x 2048^2 is the VRAM edge   |
 | MAX_OUTPUT_BYTES         | 64 MiB       | worst case (4 x 2048^2 PNG of noise ~ 50 MiB) fits; bounds upload |
+| MAX_FRAMES               | 257          | a video's frames (its family's own limit is lower: Wan 81) |
+| MAX_FPS                  | 60           | a video's frame rate (playback only: frames are generated anyway) |
+| MP4_BITS_PER_PIXEL       | 1.0          | H.264's rate cap (VBV): bounds an MP4 before any GPU work  |
 | MAX_INPUT_IMAGE_BYTES    | 20 MiB       | an input image larger than this is not a photo             |
 | MAX_INPUT_IMAGE_PIXELS   | 4096 x 4096  | decompression-bomb guard, checked from the header          |
 | MAX_INPUT_REF_CHARS      | 8,192 chars  | an input image URL or s3:// key (data: URIs: the byte cap)  |
@@ -29,6 +32,16 @@ MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 100
 MAX_IMAGES = 4
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+MAX_FRAMES = 257
+MAX_FPS = 60
+# The H.264 encoder's VBV cap (app.video): maxrate = this x width x height x fps, a buffer of
+# MP4_BUFFER_S seconds at that rate. Visually lossless output of a generated clip needs ~0.1-0.3 bits per
+# pixel; the cap only bites on noise, where it keeps the file bounded by rate x duration.
+MP4_BITS_PER_PIXEL = 1.0
+MP4_BUFFER_S = 2.0
+MP4_OVERHEAD_BYTES = 64 * 1024  # container boxes (~20 bytes a frame) and x264's header SEI
+# Animated WEBP (lossy, app.video): a frame of noise at quality 100 measured 37% of its raw RGB; allow 50%.
+WEBP_RAW_SHARE = 0.5
 
 MAX_INPUT_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_INPUT_IMAGE_PIXELS = 4096 * 4096
@@ -57,3 +70,15 @@ def output_bytes_bound(width: int, height: int, num_images: int) -> int:
     """
     raw = height * (width * 3 + 1)
     return num_images * (raw + raw // 100 + 4096)
+
+
+def video_bytes_bound(fmt: str, width: int, height: int, frames: int, fps: int) -> int:
+    """An upper bound on one encoded video's size (its poster not included), known before any GPU work.
+
+    MP4: the encoder's rate cap over the clip plus one full buffer and the container; WEBP: each frame
+    at WEBP_RAW_SHARE of its raw RGB plus 4 KiB of frame header.
+    """
+    if fmt == "mp4":
+        rate = MP4_BITS_PER_PIXEL * width * height * fps  # bits per second
+        return int((rate * frames / fps + rate * MP4_BUFFER_S) / 8) + MP4_OVERHEAD_BYTES
+    return frames * (int(width * height * 3 * WEBP_RAW_SHARE) + 4096) + 4096

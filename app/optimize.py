@@ -21,7 +21,7 @@ the steps; nothing here reads the environment.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from loguru import logger
@@ -118,11 +118,15 @@ STEPS = (
 def apply_recipe(pipe, family, recipe: Recipe) -> dict:
     """Apply `recipe` to `pipe` in place, in the documented order; return ms per applied step."""
     applied = {}
-    for name, wanted, step in STEPS:
-        if wanted(recipe):
-            t0 = time.perf_counter()
-            step(pipe, family, recipe)
-            applied[name] = round((time.perf_counter() - t0) * 1000, 1)
+    for attr in (family.denoiser, *family.extra_denoisers):  # Wan 2.2: both experts get the recipe
+        if getattr(pipe, attr, None) is None:
+            continue
+        fam, tag = (family, "") if attr == family.denoiser else (replace(family, denoiser=attr), f"{attr}.")
+        for name, wanted, step in STEPS:
+            if wanted(recipe):
+                t0 = time.perf_counter()
+                step(pipe, fam, recipe)
+                applied[tag + name] = round((time.perf_counter() - t0) * 1000, 1)
     logger.info("recipe {} applied: {}", recipe.to_dict(), applied)
     return applied
 

@@ -19,15 +19,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, Valid
     model_validator
 
 from app.errors import InvalidInput
-from app.limits import MAX_IMAGES, MAX_INPUT_IMAGE_BYTES, MAX_INPUT_REF_CHARS, MAX_OUTPUT_BYTES, MAX_PROMPT_CHARS, \
-    MAX_STEPS, output_bytes_bound
+from app.limits import MAX_FPS, MAX_FRAMES, MAX_IMAGES, MAX_INPUT_IMAGE_BYTES, MAX_INPUT_REF_CHARS, MAX_OUTPUT_BYTES, \
+    MAX_PROMPT_CHARS, MAX_STEPS, output_bytes_bound, video_bytes_bound
 
 Int = Annotated[int, Strict()]  # "512" or true are refused: JSON callers send numbers
 Float = Annotated[float, Strict()]  # 3 and 3.5 pass; "3.5", true and b"3" are refused like for Int
 MAX_SEED = 2**32 - 1
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+VIDEO_ONLY_FORMATS = ("mp4",)  # webp is both: a still, or animated from a video family
 # Fields a caller may leave out (or send as null) that the family's defaults fill.
-DEFAULTED = ("width", "height", "num_inference_steps", "guidance_scale", "seed", "strength")
+DEFAULTED = ("width", "height", "num_inference_steps", "guidance_scale", "seed", "strength", "output_format",
+             "num_frames", "fps")
 INPUT_SCHEMES = ("https", "http", "data", "s3")
 DATA_URI_CHARS = len("data:image/webp;base64,") + (MAX_INPUT_IMAGE_BYTES + 2) // 3 * 4
 
@@ -63,11 +64,13 @@ class Job(BaseModel):
     guidance_scale: Float = Field(ge=0, le=30, allow_inf_nan=False)
     seed: Int = Field(ge=0, le=MAX_SEED)
     num_images: Int = Field(1, ge=1, le=MAX_IMAGES)
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: Literal["png", "jpeg", "webp", "mp4"]  # the family's first format when left out
     output_quality: Int = Field(90, ge=1, le=100)
     image: ImageRef | None = None
     images: list[ImageRef] | None = Field(None, max_length=16)  # the family's own limit is checked below
     strength: Float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    num_frames: Int | None = Field(None, ge=1, le=MAX_FRAMES)  # video families only (their default filled)
+    fps: Int | None = Field(None, ge=1, le=MAX_FPS)
 
     @model_validator(mode="before")
     @classmethod
@@ -78,7 +81,9 @@ class Job(BaseModel):
         data = {k: v for k, v in data.items() if not (k in DEFAULTED and v is None)}
         d = fam.defaults
         filled = dict(width=d.width, height=d.height, num_inference_steps=d.steps, guidance_scale=d.guidance,
-                      seed=secrets.randbelow(MAX_SEED + 1))
+                      seed=secrets.randbelow(MAX_SEED + 1), output_format=fam.output_formats[0])
+        if fam.makes_video:
+            filled.update(num_frames=d.frames, fps=d.fps)
         with_inputs = data.get("image") is not None or data.get("images") is not None
         if with_inputs:
             # the size follows the first input image unless the job gives it (both sides, checked below)
@@ -149,9 +154,34 @@ class Job(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _outputs(self, info: ValidationInfo):
+        """Images or a video, as the family makes them: the format, and a video's frame count."""
+        fam = _family(info)
+        makes = "videos" if fam.makes_video else "images"
+        if self.output_format not in fam.output_formats:
+            kind = "a video" if self.output_format in VIDEO_ONLY_FORMATS else "an image"
+            raise _FieldError("output_format", f"{self.output_format} is {kind} format; the {fam.name} family "
+                                               f"makes {makes} ({', '.join(fam.output_formats)})")
+        if not fam.makes_video:
+            for name in ("num_frames", "fps"):
+                if getattr(self, name) is not None:
+                    raise _FieldError(name, f"the {fam.name} family makes images, not videos")
+            return self
+        n, k = self.num_frames, fam.frame_multiple
+        if n % k != 1 or n < k + 1:
+            lower = max(k + 1, n // k * k + 1)
+            raise _FieldError("num_frames", f"must be {k}k+1 (the VAE packs {k} frames in one latent after the "
+                                            f"first): e.g. {lower} or {lower + k}")
+        if n > fam.max_frames:
+            raise _FieldError("num_frames", f"at most {fam.max_frames} for the {fam.name} family, got {n}")
+        if self.num_images != 1:
+            raise _FieldError("num_images", f"the {fam.name} family makes one video per job")
+        return self
+
+    @model_validator(mode="after")
     def _output_bound(self):
         if self.width is not None and self.height is not None:
-            _check_output_bound(self.width, self.height, self.num_images)
+            _check_output_bound(self, self.width, self.height)
         return self
 
     @property
@@ -182,16 +212,23 @@ class Job(BaseModel):
         """This job at the size its family resolved from the inputs (`Family.output_size`); InvalidInput
         naming num_images when the outputs at that size could exceed the output limit."""
         try:
-            _check_output_bound(width, height, self.num_images)
+            _check_output_bound(self, width, height)
         except _FieldError as e:
             raise InvalidInput(f"{e.field}: {e.message}", field=e.field) from None
         return self.model_copy(update={"width": width, "height": height})
 
 
-def _check_output_bound(width: int, height: int, num_images: int) -> None:
-    if output_bytes_bound(width, height, num_images) > MAX_OUTPUT_BYTES:
-        raise _FieldError("num_images", f"{num_images} x {width}x{height} may exceed the "
-                                        f"{MAX_OUTPUT_BYTES >> 20} MiB output limit")
+def _check_output_bound(job: Job, width: int, height: int) -> None:
+    """The job's outputs at this size cannot exceed MAX_OUTPUT_BYTES (a video: with its PNG poster)."""
+    limit = f"the {MAX_OUTPUT_BYTES >> 20} MiB output limit"
+    if job.num_frames is None:
+        if output_bytes_bound(width, height, job.num_images) > MAX_OUTPUT_BYTES:
+            raise _FieldError("num_images", f"{job.num_images} x {width}x{height} may exceed {limit}")
+        return
+    bound = video_bytes_bound(job.output_format, width, height, job.num_frames, job.fps)
+    if bound + output_bytes_bound(width, height, 1) > MAX_OUTPUT_BYTES:
+        raise _FieldError("num_frames", f"{job.num_frames} frames of {width}x{height} as {job.output_format} may "
+                                        f"exceed {limit}; send fewer frames, a smaller size or mp4")
 
 
 class _FieldError(ValueError):
@@ -259,6 +296,27 @@ class ImageOut(BaseModel):
     bytes: int
 
 
+class PosterOut(BaseModel):
+    url: str
+    key: str
+    content_type: str
+    bytes: int
+
+
+class VideoOut(BaseModel):
+    url: str
+    key: str
+    width: int
+    height: int
+    frames: int
+    fps: int
+    duration_s: float
+    seed: int
+    content_type: str
+    bytes: int
+    poster: PosterOut
+
+
 class Cost(BaseModel):
     gpu: str
     gpu_seconds: float
@@ -267,6 +325,7 @@ class Cost(BaseModel):
 
 class JobResult(BaseModel):
     images: list[ImageOut]
+    videos: list[VideoOut] | None = None  # a video family's outputs (images is then empty)
     model: str
     timings: dict[str, float]
     cost: Cost

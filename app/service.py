@@ -22,8 +22,8 @@ from app.inputs import load_inputs
 from app.limits import MAX_OUTPUT_BYTES
 from app.loading import load_pipeline
 from app.logs import redact
-from app.outputs import encode_images
-from app.schema import CONTENT_TYPES, Job, JobResult, parse_job
+from app.outputs import Encoded
+from app.schema import Job, JobResult, parse_job
 from app.checks import run_preflight
 from app.source import ModelSource, resolve
 from app.storage import OutputStore, object_key, open_store, s3_client, store_prefix
@@ -56,6 +56,11 @@ class Service:
         self.cold_start = cold_start  # reported with the first result, then dropped
         self.broken = False
         self._s3 = None  # the boto3 client s3:// inputs are read with, made on the first such job
+
+    @property
+    def job_timeout_s(self) -> float:
+        """JOB_TIMEOUT_S, or the family's default when it is unset (a video job runs minutes)."""
+        return self.settings.job_timeout_s or self.family.job_timeout_s
 
     @classmethod
     def load(cls, settings: Settings, store: OutputStore | None = None) -> "Service":
@@ -119,22 +124,25 @@ class Service:
         inputs = None
         if job.inputs:  # fetched and decoded before any GPU work; the size may follow the first image
             with timed(timings, "inputs_ms"):
-                deadline = time.monotonic() + self.settings.job_timeout_s - (time.perf_counter() - t0)
+                deadline = time.monotonic() + self.job_timeout_s - (time.perf_counter() - t0)
                 inputs = load_inputs(job, self._fetch_limits(job), deadline)
                 job = job.with_size(*self.family.output_size(job, inputs))
-        logger.info("job: {} {}x{}, {} steps, {} image(s)", self.family.task(bool(job.inputs)), job.width, job.height,
-                    job.num_inference_steps, job.num_images)
+        logger.info("job: {} {}x{}{}, {} steps, {} output(s)", self.family.task(bool(job.inputs)), job.width,
+                    job.height, f"x{job.num_frames} frames" if job.num_frames else "", job.num_inference_steps,
+                    job.num_images)
         logger.debug("prompt: {!r}", job.prompt)
         with timed(timings, "inference_ms"):
-            images = self._generate(job, progress, t0, inputs)
-        with timed(timings, "encode_ms"):
-            blobs = encode_images(images, job.output_format, job.output_quality)
+            outputs = self._generate(job, progress, t0, inputs)
+        with timed(timings, "encode_ms"):  # the family's format: images, or a video and its poster
+            encoded = self.family.encode_outputs(outputs, job)
         with timed(timings, "upload_ms"):  # under the job's deadline too (a stalled store)
-            deadline = time.monotonic() + self.settings.job_timeout_s - (time.perf_counter() - t0)
-            outputs = self._upload(job, job_id, images, blobs, deadline)
+            deadline = time.monotonic() + self.job_timeout_s - (time.perf_counter() - t0)
+            stored = self._upload(job_id, encoded, deadline)
         timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         cost = job_cost(self.plan.gpu_name, timings["total_ms"] / 1000, self.settings.gpu_price_per_hour)
-        result = JobResult(images=outputs, model=self.source.id, timings=timings, cost=cost,
+        videos = [entry for entry, enc in zip(stored, encoded) if enc.kind == "videos"]
+        result = JobResult(images=[entry for entry, enc in zip(stored, encoded) if enc.kind == "images"],
+                           videos=videos or None, model=self.source.id, timings=timings, cost=cost,
                            cold_start=self.cold_start)
         self.cold_start = None
         logger.info("job done in {} ms", timings["total_ms"])
@@ -150,13 +158,13 @@ class Service:
         return limits
 
     def _generate(self, job: Job, progress: Progress | None, t0: float, inputs: list | None = None) -> list:
-        deadline = t0 + self.settings.job_timeout_s
+        deadline = t0 + self.job_timeout_s
 
         def on_step(step: int, total: int) -> None:
             if progress is not None:
                 progress(step, total)
             if time.perf_counter() > deadline:
-                raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g} at step {step}/{total}")
+                raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={self.job_timeout_s:g} at step {step}/{total}")
 
         import torch
 
@@ -177,29 +185,35 @@ class Service:
         raise OutOfMemory(f"out of GPU memory at {job.width}x{job.height} x{job.num_images}; "
                           "try fewer images or a smaller size")
 
-    def _upload(self, job: Job, job_id: str, images, blobs, deadline: float | None = None) -> list[dict]:
-        total = sum(len(b) for b in blobs)
+    def _upload(self, job_id: str, encoded: list[Encoded], deadline: float | None = None) -> list[dict]:
+        """Store each output (and a video's poster beside it, `{index}.poster.png`); their result entries."""
+        blobs = [(i, out) for i, enc in enumerate(encoded) for out in (enc, enc.poster) if out is not None]
+        total = sum(len(out.blob) for _, out in blobs)
         if total > MAX_OUTPUT_BYTES:  # parse_job's bound should make this unreachable; never upload past it
             raise JobFailed(f"outputs are {total} bytes, over the {MAX_OUTPUT_BYTES} byte limit")
-        ctype = CONTENT_TYPES[job.output_format]
         prefix = store_prefix(self.store)
-        keys = [object_key(prefix, job_id, i, job.output_format) for i in range(len(blobs))]
-        outputs = []
+        keys = [object_key(prefix, job_id, i, out.ext) for i, out in blobs]
+        outputs: list[dict] = []
+        done = 0
         try:
-            for key, image, blob, seed in zip(keys, images, blobs, job.seeds):
-                stored = self.store.put(key, blob, ctype, deadline=deadline)
-                outputs.append(dict(url=stored.url, key=stored.key, width=image.width, height=image.height,
-                                    seed=seed, content_type=ctype, bytes=stored.bytes))
+            for key, (i, out) in zip(keys, blobs):
+                stored = self.store.put(key, out.blob, out.content_type, deadline=deadline)
+                done += 1
+                entry = dict(url=stored.url, key=stored.key, content_type=out.content_type, bytes=stored.bytes)
+                if out is encoded[i]:
+                    outputs.append({**entry, **out.meta})
+                else:  # the poster of the output just stored
+                    outputs[-1]["poster"] = entry
         except JobFailed as e:
             # A failed job leaves nothing behind: the images already stored, and the one whose PUT
             # may have landed before its answer was lost. Best effort; a retry overwrites anyway.
             # The clean-up gets what is left of the deadline plus CLEANUP_GRACE_S, then gives up.
             cleanup_deadline = None if deadline is None else max(deadline, time.monotonic()) + CLEANUP_GRACE_S
-            for key in keys[: len(outputs) + 1]:
+            for key in keys[: done + 1]:
                 if not self.store.delete(key, deadline=cleanup_deadline):
                     logger.warning("could not remove partial output {}", key)
             if isinstance(e, JobTimeout):
-                raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g} while storing "
+                raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={self.job_timeout_s:g} while storing "
                                  f"its outputs: {e.message}") from None
             raise
         return outputs

@@ -43,6 +43,8 @@ class Defaults:
     steps: int
     guidance: float
     max_sequence_length: int | None = None
+    frames: int | None = None  # a video family's default frame count and rate (None: an image family)
+    fps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,14 @@ class Family:
     requires_image: bool = False  # an edit family: a job without an input image is refused (`image`)
     img2img_class: str | None = None
     default_strength: float = 0.8  # image-to-image: how much of the input is re-noised (1 = all of it)
+    # Outputs. The first format is the default; a video family (max_frames > 0) takes num_frames
+    # (frame_multiple k + 1, the VAE's temporal factor) and fps, and makes one video per job.
+    output_formats: tuple[str, ...] = ("png", "jpeg", "webp")
+    max_frames: int = 0
+    frame_multiple: int = 4
+    job_timeout_s: float = 600.0  # JOB_TIMEOUT_S when the variable is unset: what a job of this family needs
+    # Further denoisers the recipe also optimizes when the pipeline holds them (Wan 2.2's second expert).
+    extra_denoisers: tuple[str, ...] = ()
 
     # -- identity and variants ---------------------------------------------------------------------
     def skips(self, module_name: str) -> bool:
@@ -92,6 +102,10 @@ class Family:
     def build_tiny(self):
         """The embedded tiny random pipeline (real classes, narrow and shallow): a family module's own."""
         raise NotImplementedError(f"the {self.name} family has no tiny build")
+
+    @property
+    def makes_video(self) -> bool:
+        return self.max_frames > 0
 
     # -- input images --------------------------------------------------------------------------------
     @property
@@ -181,6 +195,12 @@ class Family:
         runner = self.pipeline_for(pipe, job)
         with torch.inference_mode():
             return runner(**self.call_kwargs(job, on_step, images)).images
+
+    def encode_outputs(self, outputs: list, job: Job) -> list:
+        """`generate`'s outputs as stored blobs (app.outputs.Encoded), in order: images in the job's format."""
+        from app.outputs import encode_image_outputs
+
+        return encode_image_outputs(outputs, job)
 
     def warmup_jobs(self, shapes) -> list[Warmup]:
         """The synthetic short jobs warm-up runs through `generate`: one per bucket, seed 0. An edit

@@ -1,0 +1,210 @@
+"""Wan image-to-video 14B: `WanImageToVideoPipeline` over `WanTransformer3DModel`; one input image, an MP4.
+
+Wan 2.1 I2V 14B (480P and 720P checkpoints) conditions each block on CLIP ViT-H image tokens (its
+transformer has `image_dim`); Wan 2.2 I2V A14B has none, and two experts instead: `transformer`
+for the high-noise steps, `transformer_2` for the low-noise ones, switched at the pipeline's
+`boundary_ratio` (diffusers 0.42.1 runs both; the recipe quantizes and compiles both). The 480P and
+720P Wan 2.1 checkpoints have identical configs, so the size follows the input image's aspect within
+the default 480P area (832x480), and a job asks for 720P by giving width and height. CFG runs its
+two passes one after the other (diffusers' loop; batching measured no faster, issue 17).
+
+The prompt is encoded here, not by the pipeline: diffusers' Wan pipelines clean prompts with `ftfy`,
+an optional dependency this worker does not ship; the same UMT5 call on the prompt, HTML-unescaped
+and whitespace-collapsed (ftfy's mojibake repair is a no-op on well-formed text), gives the same
+embeddings, padded with zeros to 512 tokens as the pipeline does.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass, replace
+
+from app.families.base import Defaults, Family, StepCallback, Warmup, synthetic_image
+from app.schema import Job, parse_job
+
+PROMPT_TOKENS = 512  # Wan's attention processor splits image tokens off at exactly 512 text tokens
+AREA_480P = 832 * 480
+AREA_720P = 1280 * 720
+# Wan's negative prompt from its own repository (sample_neg_prompt, shortened to its English gist): used when a
+# job sends none, as the reference code does; a job's negative_prompt replaces it.
+DEFAULT_NEGATIVE = ("bright colors, overexposed, static, blurred details, subtitles, style, artwork, painting, "
+                    "picture, still, overall gray, worst quality, low quality, JPEG compression artifacts, ugly, "
+                    "incomplete, extra fingers, poorly drawn hands, poorly drawn face, deformed, disfigured, "
+                    "malformed limbs, fused fingers, still picture, cluttered background, three legs, many people "
+                    "in the background, walking backwards")
+
+
+@dataclass(frozen=True)
+class WanI2V(Family):
+    def variant(self, denoiser_config) -> Family:
+        """Wan 2.2 A14B (no CLIP image tokens: `image_dim` None) samples at guidance 3.5; Wan 2.1 at 5.0.
+        Wan 2.1 FLF2V 720P (first/last frame: `pos_embed_seq_len` set) is a 720P-only checkpoint."""
+        if getattr(denoiser_config, "image_dim", 1280) is None:
+            return replace(self, defaults=replace(self.defaults, guidance=3.5))
+        if getattr(denoiser_config, "pos_embed_seq_len", None):
+            return replace(self, defaults=replace(self.defaults, width=1280, height=720))
+        return self
+
+    def tiny_variant(self) -> Family:
+        """64x64, 9 frames, 2 steps: the real pipeline in well under a second on a CPU."""
+        tiny = super().tiny_variant()
+        return replace(tiny, min_side=32, max_side=128, max_pixels=128 * 128, max_frames=17)
+
+    def output_size(self, job: Job, images: list) -> tuple[int, int]:
+        """The job's size, or the input image's aspect within the default area (480P: 832x480), each side
+        a multiple of 16 rounded down, as Wan's reference code sizes its input."""
+        if not job.size_from_input:
+            return job.width, job.height
+        w, h = images[0].size
+        area = self.defaults.width * self.defaults.height
+        m = self.multiple
+        width = max(self.min_side, int(math.sqrt(area * w / h)) // m * m)
+        height = max(self.min_side, int(math.sqrt(area * h / w)) // m * m)
+        return self.fit_size(width, height)
+
+    def build_tiny(self):
+        """WanImageToVideoPipeline with a 2-block transformer (CLIP image tokens: Wan 2.1 I2V), a 1-level
+        causal 3D VAE, a 2-layer UMT5 and a 2-layer CLIP vision tower at 32x32."""
+        import diffusers
+        import torch
+        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, \
+            UMT5EncoderModel
+
+        from app.tiny import eval_mode, tokenizer
+
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                                   num_heads=4, relative_attention_num_buckets=8,
+                                                   feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+                                                   pad_token_id=0))
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            intermediate_size=16, patch_size=8))
+        image_processor = CLIPImageProcessor(crop_size=32, size=32)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=16, added_kv_proj_dim=24,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+        return eval_mode(getattr(diffusers, self.pipeline_class)(
+            tokenizer=tokenizer(PROMPT_TOKENS), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+            image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
+        ))
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def call_kwargs(self, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> dict:
+        """One video: the input image fitted to the job's size (Wan's first frame), frames as numpy. The
+        prompts are text here; `generate` swaps them for their embeddings (`encode`)."""
+        import torch
+
+        kw = dict(
+            image=self.fit_input(images[0], job.width, job.height),
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt or DEFAULT_NEGATIVE,
+            height=job.height,
+            width=job.width,
+            num_frames=job.num_frames,
+            num_inference_steps=job.num_inference_steps,
+            guidance_scale=job.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(job.seed),
+            max_sequence_length=PROMPT_TOKENS,
+            output_type="np",
+        )
+        if on_step is not None:
+            total = job.num_inference_steps
+
+            def _callback(pipe, step, timestep, tensors):
+                on_step(step + 1, total)
+                return tensors
+
+            kw["callback_on_step_end"] = _callback
+        return kw
+
+    def generate(self, pipe, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> list:
+        """Run `job`; return one video: uint8 frames [frames, height, width, 3]."""
+        import numpy as np
+        import torch
+
+        kw = self.call_kwargs(job, on_step, images)
+        with torch.inference_mode():
+            kw.update(self.encode(pipe, kw.pop("prompt"), kw.pop("negative_prompt")))
+            frames = pipe(**kw).frames[0]
+        # the pipeline's own float [0, 1] frames, rounded as its "pil" output does
+        return [(np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)]
+
+    def encode(self, pipe, prompt: str, negative_prompt: str | None = DEFAULT_NEGATIVE) -> dict:
+        """prompt_embeds and negative_prompt_embeds [1, 512, 4096] as the pipeline computes them."""
+        out = dict(prompt_embeds=_t5_embeds(pipe, prompt))
+        if negative_prompt is not None:
+            out["negative_prompt_embeds"] = _t5_embeds(pipe, negative_prompt)
+        return out
+
+    def encode_outputs(self, outputs: list, job: Job) -> list:
+        from app.video import encode_video
+
+        return [encode_video(frames, job) for frames in outputs]
+
+    def warmup_jobs(self, shapes) -> list[Warmup]:
+        """One short job per bucket at the default frame count (the token count is frames x size)."""
+        out = []
+        for w, h in shapes:
+            job = parse_job({"prompt": "warm up", "image": "data:image/png;base64,", "width": w, "height": h,
+                             "num_inference_steps": 2, "seed": 0}, self)
+            out.append(Warmup(job, [synthetic_image(w, h)]))
+        return out
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt_clean without ftfy: HTML entities decoded (twice, as Wan does), whitespace collapsed."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+def _t5_embeds(pipe, prompt: str):
+    """UMT5's last hidden state of the prompt's tokens, zeroed past its length (WanPipeline's
+    `_get_t5_prompt_embeds` for one prompt)."""
+    import torch
+
+    tok = pipe.tokenizer([clean_prompt(prompt)], padding="max_length", max_length=PROMPT_TOKENS, truncation=True,
+                         add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    device = pipe.text_encoder.device
+    ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+    hidden = pipe.text_encoder(ids, mask).last_hidden_state
+    length = int(mask.gt(0).sum())
+    out = torch.zeros_like(hidden)
+    out[:, :length] = hidden[:, :length]
+    return out.to(pipe.transformer.dtype if pipe.transformer is not None else pipe.transformer_2.dtype)
+
+
+FAMILY = WanI2V(
+    name="wan-i2v",
+    pipeline_class="WanImageToVideoPipeline",
+    denoiser="transformer",
+    # Wan's reference sampler (and the model cards): 40 steps, guidance 5.0, 81 frames at 16 fps, 480P
+    defaults=Defaults(832, 480, 40, 5.0, PROMPT_TOKENS, frames=81, fps=16),
+    min_side=256,
+    max_side=1280,
+    max_pixels=AREA_720P,
+    shapes=((832, 480),),
+    # patch embedding (a Conv3d, never a Linear), the time / text / image embedders, the per-block and
+    # final modulation tables (parameters), the norms and the head stay bf16
+    quant_skip=(r"condition_embedder\..*", r"proj_out", r".*norm.*"),
+    fuse_qkv=True,  # WanAttnProcessor reads to_qkv / to_kv / to_added_kv after fuse_projections
+    negative_prompt=True,
+    # bf16: 14B transformer 28.6 GB + UMT5-XXL 11.4 GB + CLIP ViT-H 1.3 GB + VAE 0.25 GB + 480p/81-frame
+    # activations and the VAE decode ~10 GB; fp8: the block linears at one byte (~14 GB less)
+    vram_gib={"bf16": 56.0, "fp8": 42.0, "int8": 42.0},
+    tiny_defaults=Defaults(64, 64, 2, 5.0, PROMPT_TOKENS, frames=9, fps=16),
+    checkpoint_keys="weights.wan_keys",
+    max_images=1,
+    requires_image=True,
+    max_frames=81,
+    output_formats=("mp4", "webp"),
+    extra_denoisers=("transformer_2",),  # Wan 2.2 A14B's low-noise expert
+    job_timeout_s=1800.0,  # 40 CFG steps at 720P run ~15 min on an H200 (480P: ~3 min)
+)
