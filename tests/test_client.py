@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from app import client
-from app.client import JobFailed, Jobs, JobStatus, ModalJobs, RunPodJobs, TransportError, WaitTimeout
+from app.client import Jobs, JobStatus, ModalJobs, RemoteJobFailed, RunPodJobs, TransportError, WaitTimeout
 from app.jobs import normalize_error
 from app.jobs_api import ThreadBackend, create_app
 
@@ -48,7 +48,7 @@ def test_wait_backs_off_up_to_the_cap_then_returns_completed():
 
 @pytest.mark.parametrize("final", ["FAILED", "CANCELLED", "TIMED_OUT"])
 def test_wait_raises_job_failed_for_other_final_states(final):
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         ScriptedJobs(["IN_PROGRESS", final]).wait("job-1", sleep=lambda s: None)
     assert e.value.status.state == final and final in str(e.value)
 
@@ -253,7 +253,7 @@ def test_a_job_error_that_reflects_the_token_is_scrubbed(reflector):
     status = jobs.status("failed200")
     assert status.state == "FAILED" and "REDACTED" in status.error["message"]
     assert_no_token(json.dumps(status.error))
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         jobs.wait("failed200", timeout=1, sleep=lambda s: None)
     assert_no_token(str(e.value))
 

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import pytest
 from fastapi.testclient import TestClient
 
-from app.client import JobFailed, ModalJobs, TransportError
+from app.client import ModalJobs, RemoteJobFailed, TransportError
 from app.jobs_api import ThreadBackend, create_app
 
 TOKEN = "api-token-0123456789abcdef"
@@ -70,7 +70,7 @@ def test_the_api_refuses_to_run_without_a_token(backend):
 
 def test_invalid_input_ends_failed_with_the_field(jobs):
     job_id = jobs.submit({"prompt": "a cat", "width": 100})
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         jobs.wait(job_id, timeout=30, first_poll_s=0.05)
     assert e.value.status.state == "FAILED"
     assert e.value.status.error == {"type": "invalid_input", "field": "width",
@@ -104,7 +104,7 @@ def test_cancel_a_queued_job_it_never_runs(tiny_flux_service):
             assert jobs.cancel(second).state == "CANCELLED"
             gate.set()
             assert jobs.wait(first, timeout=60, first_poll_s=0.05).state == "COMPLETED"
-            with pytest.raises(JobFailed) as e:
+            with pytest.raises(RemoteJobFailed) as e:
                 jobs.wait(second, timeout=5, first_poll_s=0.05)
             assert e.value.status.state == "CANCELLED"
             assert ran == [first]

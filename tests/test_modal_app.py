@@ -21,7 +21,7 @@ import modal
 import pytest
 from fastapi.testclient import TestClient
 
-from app.client import JobFailed, ModalJobs, TransportError
+from app.client import ModalJobs, RemoteJobFailed, TransportError
 from app.fetch import FetchLimits
 from app.jobs_api import create_app
 from tests.conftest import AWS_ENV
@@ -221,7 +221,7 @@ def test_api_failed_paths(cloud_api):
     cloud, jobs, _ = cloud_api
     invalid = jobs.submit({"prompt": "x", "width": 100})
     cloud.outcomes[invalid] = "run"
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         jobs.wait(invalid, timeout=30, first_poll_s=0.05)
     assert e.value.status.error["type"] == "invalid_input"
 
