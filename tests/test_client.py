@@ -14,6 +14,7 @@ from app import client
 from app.client import Jobs, JobStatus, ModalJobs, RemoteJobFailed, RunPodJobs, TransportError, WaitTimeout
 from app.jobs import normalize_error
 from app.jobs_api import ThreadBackend, create_app
+from tests.helpers_net import served
 
 TOKEN = "cli-token-0123456789abcdef"
 
@@ -124,20 +125,9 @@ def test_job_ids_cannot_change_the_path():
 @pytest.fixture
 def api_url(tiny_flux_service):
     """The job API served by uvicorn on 127.0.0.1 over the in-process backend (a real HTTP server)."""
-    import uvicorn
-
     backend = ThreadBackend(tiny_flux_service.run)
-    server = uvicorn.Server(uvicorn.Config(create_app(backend, TOKEN), host="127.0.0.1", port=_closed_port(),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(10)
+    with served(create_app(backend, TOKEN)) as port:
+        yield f"http://127.0.0.1:{port}"
     backend.shutdown()
 
 
