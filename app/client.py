@@ -6,9 +6,10 @@
     status = jobs.wait(job_id, timeout=300)            # JobStatus(status="COMPLETED", output={...}); .state is the same
     url = status.output["images"][0]["url"]
 
-Errors are typed: `JobFailed` (the job ended FAILED, CANCELLED or TIMED_OUT; `.status` says how),
-`WaitTimeout` (still running when the wait ran out; the job goes on), `TransportError` (the API
-could not be reached or refused the request; `.status_code` when it answered). Credentials travel
+Errors are typed: `RemoteJobFailed` (the job ended FAILED, CANCELLED or TIMED_OUT; `.status` says
+how; not app.errors.JobFailed, which a worker raises), `WaitTimeout` (still running when the wait
+ran out; the job goes on), `TransportError` (the API could not be reached or refused the request;
+`.status_code` when it answered). Credentials travel
 in headers only and never appear in an error or a log line: what a server answers (an error body,
 a job's error message) is scrubbed before it is shown, so an upstream that reflects the request's
 headers does not print the token (app.logs.redact, plus this client's own token).
@@ -42,6 +43,7 @@ from loguru import logger
 from app.jobs import StatusBody as JobStatus
 from app.jobs import normalize_error
 from app.logs import redact
+from app.retry import Backoff, retry
 
 
 class ClientError(Exception):
@@ -56,7 +58,7 @@ class TransportError(ClientError):
         self.status_code = status_code
 
 
-class JobFailed(ClientError):
+class RemoteJobFailed(ClientError):
     """The job ended without a result: FAILED (see `.status.error`), CANCELLED or TIMED_OUT."""
 
     def __init__(self, status: JobStatus):
@@ -94,8 +96,8 @@ class Jobs(ABC):
              backoff: float = 1.5, sleep: Callable[[float], None] = time.sleep) -> JobStatus:
         """Poll until the job ends, sleeping `first_poll_s` then `backoff` times longer up to `max_poll_s`.
 
-        Returns the COMPLETED status; raises JobFailed for any other final state and WaitTimeout when
-        `timeout` seconds pass first.
+        Returns the COMPLETED status; raises RemoteJobFailed for any other final state and WaitTimeout
+        when `timeout` seconds pass first.
         """
         t0 = time.monotonic()
         delay, last = first_poll_s, None
@@ -104,7 +106,7 @@ class Jobs(ABC):
             if last.state == "COMPLETED":
                 return last
             if last.final:
-                raise JobFailed(last)
+                raise RemoteJobFailed(last)
             left = timeout - (time.monotonic() - t0)
             if left <= 0:
                 raise WaitTimeout(job_id, time.monotonic() - t0, last)
@@ -124,6 +126,7 @@ class _HttpJobs(Jobs):
         self._token = token
         self.http = http or httpx.Client(timeout=timeout_s)
         self.attempts = attempts
+        self._backoff = Backoff(attempts=attempts, base_s=0.5, cap_s=1.0, jitter=False)
         # RunPod's API and ours answer GET /status/{id}; the RunPod SDK's local server only POST (405
         # to a GET): switched on the first 405, then kept.
         self._status_method = "GET"
@@ -173,40 +176,51 @@ class _HttpJobs(Jobs):
         return status
 
     def _call(self, method: str, path: str, body: dict | None = None, retry_sent: bool = True) -> dict:
-        """One API call with bounded retries: connection failures always (nothing was sent), and 429/5xx
-        and read failures only when `retry_sent` (the call is idempotent)."""
+        """One API call with bounded retries (app.retry, 0.5 s then 1 s apart): connection failures
+        always (nothing was sent), and 429/5xx and read failures only when `retry_sent` (the call is
+        idempotent)."""
         url = self.base + path
-        for attempt in range(1, self.attempts + 1):
-            retry = attempt < self.attempts
+
+        def once() -> dict:
             try:
                 r = self.http.request(method, url, json=body, headers=self._auth)
             except httpx.ConnectError as e:
-                if retry:
-                    time.sleep(0.5 * attempt)
-                    continue
-                raise TransportError(f"{method} {url}: cannot connect ({type(e).__name__})") from None
+                raise _Retryable(f"{method} {url}: cannot connect ({type(e).__name__})", None, True) from None
             except httpx.HTTPError as e:
-                if retry and retry_sent:
-                    time.sleep(0.5 * attempt)
-                    continue
-                raise TransportError(f"{method} {url}: {type(e).__name__}") from None
-            if (r.status_code == 429 or r.status_code >= 500) and retry and retry_sent:
-                time.sleep(0.5 * attempt)
-                continue
-            if r.status_code in (401, 403):
-                raise TransportError(f"{method} {url}: HTTP {r.status_code}: the API key/token was refused",
-                                     r.status_code)
-            if r.status_code >= 400:
-                raise TransportError(f"{method} {url}: HTTP {r.status_code}: {self._scrub(r.text)[:200]}",
-                                     r.status_code)
-            try:
-                data = r.json()
-            except ValueError:
-                raise TransportError(f"{method} {url}: the answer is not JSON", r.status_code) from None
-            if not isinstance(data, dict):
-                raise TransportError(f"{method} {url}: the answer is not a JSON object", r.status_code)
-            return data
-        raise AssertionError("unreachable")
+                raise _Retryable(f"{method} {url}: {type(e).__name__}", None, retry_sent) from None
+            if r.status_code == 429 or r.status_code >= 500:
+                raise _Retryable(f"{method} {url}: HTTP {r.status_code}: {self._scrub(r.text)[:200]}",
+                                 r.status_code, retry_sent)
+            return self._answer(method, url, r)
+
+        try:
+            return retry(once, self._backoff, f"{method} {path}", transient=lambda e: getattr(e, "again", False))
+        except _Retryable as e:
+            raise TransportError(str(e), e.status_code) from None
+
+    def _answer(self, method: str, url: str, r: httpx.Response) -> dict:
+        """A non-retryable answer as the JSON object it holds, or TransportError."""
+        if r.status_code in (401, 403):
+            raise TransportError(f"{method} {url}: HTTP {r.status_code}: the API key/token was refused",
+                                 r.status_code)
+        if r.status_code >= 400:
+            raise TransportError(f"{method} {url}: HTTP {r.status_code}: {self._scrub(r.text)[:200]}",
+                                 r.status_code)
+        try:
+            data = r.json()
+        except ValueError:
+            raise TransportError(f"{method} {url}: the answer is not JSON", r.status_code) from None
+        if not isinstance(data, dict):
+            raise TransportError(f"{method} {url}: the answer is not a JSON object", r.status_code)
+        return data
+
+
+class _Retryable(TransportError):
+    """A failed call, retried when `again` (nothing was sent, or the call is idempotent)."""
+
+    def __init__(self, message: str, status_code: int | None, again: bool):
+        super().__init__(message, status_code)
+        self.again = again
 
 
 class RunPodJobs(_HttpJobs):
@@ -302,7 +316,7 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> int:
     except (ValueError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except JobFailed as e:
+    except RemoteJobFailed as e:
         print(e.status.model_dump_json(exclude_none=True, indent=2))
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from app.errors import InvalidInput, JobFailed
 from app.fetch import FetchLimits, describe, post_json
 from app.limits import WEBHOOK_ATTEMPTS, WEBHOOK_CONNECT_TIMEOUT_S, WEBHOOK_DEADLINE_S
+from app.retry import Backoff, retry
 
 JobState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
 FINAL_STATES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -33,6 +34,7 @@ FINAL_STATES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED", "T
 # job is submitted and again when it is called, connected to the checked address, no redirects.
 WEBHOOK_LIMITS = FetchLimits(connect_timeout_s=WEBHOOK_CONNECT_TIMEOUT_S, read_timeout_s=WEBHOOK_DEADLINE_S,
                              deadline_s=WEBHOOK_DEADLINE_S)
+WEBHOOK_BACKOFF = Backoff(attempts=WEBHOOK_ATTEMPTS, base_s=1.0, cap_s=5.0, jitter=False)
 
 
 class RunRequest(BaseModel):
@@ -114,30 +116,39 @@ def post_webhook(url: str, body: StatusBody, timeout_s: float | None = None, att
 
     Through the address guard, checked again now (the answer at submit time may have changed): a
     refused address is never contacted and never retried. Other failures (timeout, connection,
-    non-2xx, a redirect: not followed) are retried `attempts` times, 1 s then 2 s apart. Each try
-    ends within `timeout_s` (default `limits.deadline_s`). Never raises.
+    non-2xx, a redirect: not followed) are retried (app.retry) `attempts` times, 1 s then 2 s apart.
+    Each try ends within `timeout_s` (default `limits.deadline_s`). Never raises.
     """
     import dataclasses
     import time
 
     if timeout_s is not None:
         limits = dataclasses.replace(limits, deadline_s=timeout_s, read_timeout_s=min(limits.read_timeout_s, timeout_s))
-    sleep = sleep or time.sleep
     payload = json.dumps(body.wire()).encode()
     where = describe(url) if isinstance(url, str) else "(not a URL)"
-    for attempt in range(1, attempts + 1):
+
+    def once() -> None:
         try:
             status = post_json(url, payload, limits, field="webhook")
-        except InvalidInput as e:
-            logger.warning("webhook {} not called: {}", where, e.message)
-            return False
         except JobFailed as e:
-            reason = e.message
-        else:
-            if 200 <= status < 300:
-                return True
-            reason = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
-        logger.warning("webhook {} attempt {}/{} failed: {}", where, attempt, attempts, reason)
-        if attempt < attempts:
-            sleep(min(2 ** (attempt - 1), 5))
-    return False
+            raise _Undelivered(e.message) from None
+        if not 200 <= status < 300:
+            raise _Undelivered(f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else ""))
+
+    def failed(e: BaseException, attempt: int, _wait: float) -> None:
+        logger.warning("webhook {} attempt {}/{} failed: {}", where, attempt, attempts, e)
+
+    try:
+        retry(once, dataclasses.replace(WEBHOOK_BACKOFF, attempts=attempts), f"webhook {where}",
+              sleep=sleep or time.sleep, transient=lambda e: isinstance(e, _Undelivered), on_retry=failed)
+    except InvalidInput as e:
+        logger.warning("webhook {} not called: {}", where, e.message)
+        return False
+    except _Undelivered as e:
+        failed(e, attempts, 0.0)
+        return False
+    return True
+
+
+class _Undelivered(Exception):
+    """A webhook try that may succeed if repeated (timeout, connection, non-2xx answer)."""

@@ -1,10 +1,13 @@
-"""Retry with capped exponential backoff and full jitter, for storage calls.
+"""The one retry loop: capped exponential backoff (full jitter by default), an attempt count and an
+optional deadline. Storage (app.storage), the backend client (app.client) and the webhook sender
+(app.jobs) all retry through `retry`; each says what is worth retrying (`transient`).
 
-Why our own loop rather than botocore's "standard" retries: the whole unit "PUT, then HEAD to
-verify the size" must be retried together (a HEAD that shows a short object means the PUT must be
-redone), the backoff must be settable (tests run 200 jobs with faults in seconds), and botocore's
-retry quota silently stops retrying after a burst of failures, which would turn a flaky minute into
-lost jobs. The S3 client of a store is built with botocore retries off so attempts do not multiply.
+Why our own loop rather than botocore's "standard" retries for storage: the whole unit "PUT, then
+HEAD to verify the size" must be retried together (a HEAD that shows a short object means the PUT
+must be redone), the backoff must be settable (tests run 200 jobs with faults in seconds), and
+botocore's retry quota silently stops retrying after a burst of failures, which would turn a flaky
+minute into lost jobs. The S3 client of a store is built with botocore retries off so attempts do
+not multiply.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ TRANSIENT_CODES = frozenset({
 
 @dataclass(frozen=True)
 class Backoff:
-    """`attempts` tries in all; before try n+1 sleep uniform(0, min(cap_s, base_s * 2**n))."""
+    """`attempts` tries in all; before try n+1 sleep uniform(0, min(cap_s, base_s * 2**n)), or exactly
+    that bound with `jitter=False` (a single caller, such as one webhook, gains nothing from jitter)."""
 
     attempts: int = 5
     base_s: float = 0.25
     cap_s: float = 5.0
+    jitter: bool = True
 
     def delay(self, n: int, rng=random) -> float:
-        return rng.uniform(0, min(self.cap_s, self.base_s * 2**n))
+        bound = min(self.cap_s, self.base_s * 2**n)
+        return rng.uniform(0, bound) if self.jitter else bound
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -64,8 +70,12 @@ class DeadlineExceeded(Exception):
 MIN_ATTEMPT_S = 0.1
 
 
-def retry(fn: Callable[[], T], backoff: Backoff, what: str, sleep=time.sleep, deadline: float | None = None) -> T:
-    """Call `fn` until it succeeds, a non-transient error occurs, or the attempts run out (re-raise).
+def retry(fn: Callable[[], T], backoff: Backoff, what: str, sleep=time.sleep, deadline: float | None = None,
+          transient: Callable[[BaseException], bool] = is_transient,
+          on_retry: Callable[[BaseException, int, float], None] | None = None) -> T:
+    """Call `fn` until it succeeds, an error `transient` does not accept occurs, or the attempts run
+    out (the last error re-raised). `what` names the call in log lines: keep secrets out of it.
+    `on_retry(error, attempt, wait)` replaces the default INFO line before each backoff sleep.
 
     `deadline` (time.monotonic()) bounds the whole: no attempt starts with less than MIN_ATTEMPT_S
     left, and a backoff sleep takes at most half the time left (so a last try still fits);
@@ -79,14 +89,17 @@ def retry(fn: Callable[[], T], backoff: Backoff, what: str, sleep=time.sleep, de
             return fn()
         except Exception as e:
             timed_out = deadline is not None and deadline - time.monotonic() < MIN_ATTEMPT_S
-            if timed_out and is_transient(e):
+            if timed_out and transient(e):
                 raise DeadlineExceeded(f"{what}: out of time after attempt {n + 1} ({type(e).__name__})") from e
-            if n + 1 >= backoff.attempts or not is_transient(e):
+            if n + 1 >= backoff.attempts or not transient(e):
                 raise
             wait = backoff.delay(n)
             if deadline is not None:  # never sleep away more than half the time left: keep a last try
                 wait = max(0.0, min(wait, (deadline - time.monotonic()) / 2))
-            logger.info("{}: transient {}, retry {}/{} in {:.2f} s", what, type(e).__name__, n + 1,
-                        backoff.attempts - 1, wait)
+            if on_retry is not None:
+                on_retry(e, n + 1, wait)
+            else:
+                logger.info("{}: transient {}, retry {}/{} in {:.2f} s", what, type(e).__name__, n + 1,
+                            backoff.attempts - 1, wait)
             sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover

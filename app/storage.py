@@ -106,6 +106,8 @@ def describe_s3_error(exc: Exception) -> str:
 def s3_client(connect_timeout: float = 5, read_timeout: float = 30, max_attempts: int = 5,
               max_pool_connections: int = 10):
     """A boto3 S3 client with bounded timeouts and standard retries (500, 503, SlowDown, resets).
+    The one place botocore's retries are configured: readers (weights, compile cache, input images,
+    preflight) use its standard mode; the output store passes 1 and retries through app.retry.
     `max_pool_connections` must cover the threads that share it (botocore's default is 10).
 
     `max_attempts` counts every attempt, the first included (botocore's `total_max_attempts`; its

@@ -5,6 +5,7 @@ boto3 talks to it over HTTP exactly as production talks to AWS, R2 or MinIO: not
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
@@ -22,6 +23,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def captured_logs(level: str = "DEBUG"):
+    """The loguru lines at `level` and above emitted while the block runs (as the worker logs them)."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level=level)
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
 
 
 @pytest.fixture(scope="session")

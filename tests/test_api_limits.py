@@ -8,10 +8,8 @@ not wait for the body), and a chunked body is cut as soon as it passes the cap.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from app.jobs_api import ThreadBackend, create_app
 from app.limits import MAX_RUN_BODY_BYTES, MAX_RUNSYNC_BODY_BYTES
-from tests.conftest import free_port
+from tests.helpers_net import served
 
 TOKEN = "limits-api-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -92,24 +90,6 @@ def test_the_cap_is_checked_before_the_token(service_api):
 
 
 # ------------------------------------------------------------------ a real server, a raw socket
-
-
-@contextlib.contextmanager
-def served(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    try:
-        yield server.config.port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def read_status(sock: socket.socket, timeout: float) -> tuple[int, bytes]:

@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from app import client
-from app.client import JobFailed, Jobs, JobStatus, ModalJobs, RunPodJobs, TransportError, WaitTimeout
+from app.client import Jobs, JobStatus, ModalJobs, RemoteJobFailed, RunPodJobs, TransportError, WaitTimeout
 from app.jobs import normalize_error
 from app.jobs_api import ThreadBackend, create_app
+from tests.helpers_net import served
 
 TOKEN = "cli-token-0123456789abcdef"
 
@@ -48,7 +49,7 @@ def test_wait_backs_off_up_to_the_cap_then_returns_completed():
 
 @pytest.mark.parametrize("final", ["FAILED", "CANCELLED", "TIMED_OUT"])
 def test_wait_raises_job_failed_for_other_final_states(final):
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         ScriptedJobs(["IN_PROGRESS", final]).wait("job-1", sleep=lambda s: None)
     assert e.value.status.state == final and final in str(e.value)
 
@@ -124,20 +125,9 @@ def test_job_ids_cannot_change_the_path():
 @pytest.fixture
 def api_url(tiny_flux_service):
     """The job API served by uvicorn on 127.0.0.1 over the in-process backend (a real HTTP server)."""
-    import uvicorn
-
     backend = ThreadBackend(tiny_flux_service.run)
-    server = uvicorn.Server(uvicorn.Config(create_app(backend, TOKEN), host="127.0.0.1", port=_closed_port(),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(10)
+    with served(create_app(backend, TOKEN)) as port:
+        yield f"http://127.0.0.1:{port}"
     backend.shutdown()
 
 
@@ -253,7 +243,7 @@ def test_a_job_error_that_reflects_the_token_is_scrubbed(reflector):
     status = jobs.status("failed200")
     assert status.state == "FAILED" and "REDACTED" in status.error["message"]
     assert_no_token(json.dumps(status.error))
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         jobs.wait("failed200", timeout=1, sleep=lambda s: None)
     assert_no_token(str(e.value))
 

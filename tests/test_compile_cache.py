@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-from loguru import logger
 
 from app import compile_cache
 from app.compile_cache import cache_key, restore, save
+from tests.conftest import captured_logs
 
 BASE = dict(gpu_name="NVIDIA H100 80GB HBM3", capability=(9, 0), model="black-forest-labs/FLUX.1-dev",
             recipe={"fuse_qkv": True, "quantize": "fp8", "attention": "fa3", "compile": "regional"},
@@ -24,10 +24,8 @@ BASE = dict(gpu_name="NVIDIA H100 80GB HBM3", capability=(9, 0), model="black-fo
 @pytest.fixture
 def logs():
     """Every log line emitted during the test (loguru, as the worker logs)."""
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG")
-    yield lines
-    logger.remove(sink)
+    with captured_logs("DEBUG") as lines:
+        yield lines
 
 
 def _compile_something():

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.client import JobFailed, ModalJobs, TransportError
+from app.client import ModalJobs, RemoteJobFailed, TransportError
 from app.jobs_api import ThreadBackend, create_app
+from tests.helpers_net import receiver, wait_for
 
 TOKEN = "api-token-0123456789abcdef"
 
@@ -70,7 +70,7 @@ def test_the_api_refuses_to_run_without_a_token(backend):
 
 def test_invalid_input_ends_failed_with_the_field(jobs):
     job_id = jobs.submit({"prompt": "a cat", "width": 100})
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         jobs.wait(job_id, timeout=30, first_poll_s=0.05)
     assert e.value.status.state == "FAILED"
     assert e.value.status.error == {"type": "invalid_input", "field": "width",
@@ -104,7 +104,7 @@ def test_cancel_a_queued_job_it_never_runs(tiny_flux_service):
             assert jobs.cancel(second).state == "CANCELLED"
             gate.set()
             assert jobs.wait(first, timeout=60, first_poll_s=0.05).state == "COMPLETED"
-            with pytest.raises(JobFailed) as e:
+            with pytest.raises(RemoteJobFailed) as e:
                 jobs.wait(second, timeout=5, first_poll_s=0.05)
             assert e.value.status.state == "CANCELLED"
             assert ran == [first]
@@ -143,32 +143,16 @@ def test_webhook_gets_the_final_status(tiny_flux_service):
 
     seam = FetchLimits(allow_networks=("127.0.0.1/32",))
     backend = ThreadBackend(tiny_flux_service.run, webhook_limits=seam)
-    got: list[dict] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with TestClient(create_app(backend, TOKEN, webhook_limits=seam)) as http:
+        with receiver() as (port, got), TestClient(create_app(backend, TOKEN, webhook_limits=seam)) as http:
             jobs = ModalJobs("http://testserver", TOKEN, http=http)
-            hook = f"http://127.0.0.1:{server.server_address[1]}/hook?sig=abc"
-            job_id = jobs.submit({"prompt": "a cat", "seed": 5}, webhook=hook)
+            job_id = jobs.submit({"prompt": "a cat", "seed": 5}, webhook=f"http://127.0.0.1:{port}/hook?sig=abc")
             done = jobs.wait(job_id, timeout=60, first_poll_s=0.05)
-            for _ in range(50):
-                if got:
-                    break
-                threading.Event().wait(0.1)
-        assert got and got[0]["id"] == job_id and got[0]["status"] == "COMPLETED"
-        assert got[0]["output"]["images"] == done.output["images"]
+            assert wait_for(lambda: got, 5)
+            path, body = got[0]
+        assert path == "/hook?sig=abc"
+        body = json.loads(body)
+        assert body["id"] == job_id and body["status"] == "COMPLETED"
+        assert body["output"]["images"] == done.output["images"]
     finally:
-        server.shutdown()
-        server.server_close()
         backend.shutdown()

@@ -21,10 +21,11 @@ import modal
 import pytest
 from fastapi.testclient import TestClient
 
-from app.client import JobFailed, ModalJobs, TransportError
+from app.client import ModalJobs, RemoteJobFailed, TransportError
 from app.fetch import FetchLimits
 from app.jobs_api import create_app
-from tests.conftest import AWS_ENV
+from tests.conftest import AWS_ENV, captured_logs
+from tests.helpers_net import receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "modal-api-token-0123456789"
@@ -122,38 +123,13 @@ def test_worker_runs_a_job_through_local(worker):
 def test_worker_checks_the_webhook_again_when_it_calls_it(worker):
     """Worker.run is also callable without the API (`Worker().run.spawn(input, webhook)`): its webhook
     call goes through the address guard itself. A receiver on loopback is never contacted."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from loguru import logger
-
-    got = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append(self.path)
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
-    try:
-        port = server.server_address[1]
+    with captured_logs("WARNING") as lines, receiver() as (port, got):
         # only loopback spellings: a broken guard is then seen by the receiver, never felt elsewhere
         for hook in (f"http://127.0.0.1:{port}/hook", f"http://localhost:{port}/hook",
                      f"http://[::ffff:127.0.0.1]:{port}/hook"):
             out = worker.run.local({"prompt": "a cat", "seed": 3, "num_inference_steps": 1}, hook)
             assert "images" in out, out  # the job itself is unaffected
         assert got == [] and sum("not called" in line for line in lines) == 3, lines
-    finally:
-        logger.remove(sink)
-        server.shutdown()
-        server.server_close()
 
 
 # ------------------------------------------------------------------------------ API over Modal
@@ -221,7 +197,7 @@ def test_api_failed_paths(cloud_api):
     cloud, jobs, _ = cloud_api
     invalid = jobs.submit({"prompt": "x", "width": 100})
     cloud.outcomes[invalid] = "run"
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         jobs.wait(invalid, timeout=30, first_poll_s=0.05)
     assert e.value.status.error["type"] == "invalid_input"
 

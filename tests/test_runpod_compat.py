@@ -15,7 +15,7 @@ import time
 import pytest
 import runpod
 
-from app.client import JobFailed, RunPodJobs
+from app.client import RemoteJobFailed, RunPodJobs
 from app.jobs_api import ThreadBackend, create_app
 from tests.hardening_helpers import tiny_job
 from tests.test_api_limits import served
@@ -99,7 +99,7 @@ def test_our_runpod_client_works_against_it_too(base):
     jobs = RunPodJobs("diffusion-worker", TOKEN, base_url=base)
     done = jobs.wait(jobs.submit(tiny_job(5)), timeout=60, first_poll_s=0.05)
     assert done.output["images"][0]["seed"] == 5
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         jobs.wait(jobs.submit({"prompt": "x", "width": 100}), timeout=60, first_poll_s=0.05)
     assert e.value.status.error == {"type": "invalid_input", "message": "width: must be a multiple of 16",
                                     "field": "width"}

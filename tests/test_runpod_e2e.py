@@ -17,27 +17,18 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.client import JobFailed, RunPodJobs, TransportError
+from app.client import RemoteJobFailed, RunPodJobs, TransportError
+from tests.helpers_net import stop, wait_for
 from tests.runpod_standin import RunPodStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "rp-test-api-key-0123456789"
 SESSION_TOKEN = "IQoJb3JpZ2luX2VjEHworker+loop/session//token=="
-
-
-def _wait_for(pred, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return pred()
 
 
 @pytest.mark.timeout(240)
@@ -75,7 +66,7 @@ def test_runpod_worker_loop_serves_jobs_submitted_by_the_client(s3_env, bucket, 
             assert body[:8] == b"\x89PNG\r\n\x1a\n" and len(body) == image["bytes"]
             assert done.output["cold_start"]["load_total_ms"] > 0  # the first job reports the cold start
 
-            with pytest.raises(JobFailed) as failed:
+            with pytest.raises(RemoteJobFailed) as failed:
                 jobs.wait(bad, timeout=60, first_poll_s=0.2, max_poll_s=1.0)
             assert failed.value.status.state == "FAILED"
             assert failed.value.status.error["type"] == "invalid_input"
@@ -83,9 +74,9 @@ def test_runpod_worker_loop_serves_jobs_submitted_by_the_client(s3_env, bucket, 
 
             assert jobs.status(dropped).state == "CANCELLED"
             assert rp.taken == [good, bad]  # the cancelled job was never handed to the worker
-            assert _wait_for(lambda: rp.progress.get(good), 5), "no per-step progress reached the queue"
+            assert wait_for(lambda: rp.progress.get(good), 5), "no per-step progress reached the queue"
             assert rp.progress[good][-1]["total"] >= 1
-            assert _wait_for(lambda: rp.pings > 0, 5), "the SDK's heartbeat never pinged"
+            assert wait_for(lambda: rp.pings > 0, 5), "the SDK's heartbeat never pinged"
             assert proc.poll() is None, "the worker exited"
 
             with pytest.raises(TransportError) as refused:
@@ -101,10 +92,5 @@ def test_runpod_worker_loop_serves_jobs_submitted_by_the_client(s3_env, bucket, 
                 assert secret not in text
             assert not re.search(r"X-Amz-(Signature|Credential|Security-Token)=(?!REDACTED)", text)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop(proc)
             log.close()

@@ -24,8 +24,9 @@ import httpx
 import pytest
 
 from app import client
-from app.client import JobFailed, ModalJobs, RunPodLocalJobs
+from app.client import ModalJobs, RemoteJobFailed, RunPodLocalJobs
 from tests.conftest import AWS_ENV, free_port
+from tests.helpers_net import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSION_TOKEN = "IQoJb3JpZ2luX2VjEHsts+local/mode//token=="
@@ -61,12 +62,7 @@ def server(s3_endpoint, tmp_path_factory):
         assert proc.poll() is None, log_path.read_text()[-3000:]
         yield base, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
         log.close()
 
 
@@ -108,7 +104,7 @@ def test_the_client_works_against_the_local_server(server, capsys):
     jobs = RunPodLocalJobs(base)
     done = jobs.wait(jobs.submit({"prompt": "a dog", "seed": 5, **FAST}), timeout=120, first_poll_s=0.1)
     assert done.output["images"][0]["seed"] == 5
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(RemoteJobFailed) as e:
         jobs.wait(jobs.submit(INVALID), timeout=120, first_poll_s=0.1)
     assert e.value.status.state == "FAILED" and e.value.status.error == WIDTH_ERROR
     # ModalJobs (GET /status first, as our API and RunPod's serve it) meets the local server's 405 too

@@ -17,13 +17,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
-from loguru import logger
 
 from app.client import ModalJobs, TransportError
 from app.fetch import FetchLimits
 from app.jobs import WEBHOOK_LIMITS, StatusBody, normalize_error, post_webhook
 from app.jobs_api import ThreadBackend, create_app
+from tests.conftest import captured_logs
 from tests.hardening_helpers import tiny_job
+from tests.helpers_net import wait_for
 
 TOKEN = "webhook-api-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -62,21 +63,10 @@ def receivers():
         srv.server_close()
 
 
-def wait_for(pred, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 @pytest.fixture
 def warnings():
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
-    yield lines
-    logger.remove(sink)
+    with captured_logs("WARNING") as lines:
+        yield lines
 
 
 def api(service, limits: FetchLimits = SEAM):
