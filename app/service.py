@@ -48,6 +48,7 @@ class Service:
         self.family = source.family if source.tiny else source.family.variant(getattr(pipe, source.family.denoiser).config)
         self.cold_start = cold_start  # reported with the first result, then dropped
         self.broken = False
+        self.compiled = False  # set by load when the recipe compiles: jobs then watch for recompiles
 
     @classmethod
     def load(cls, settings: Settings, store: OutputStore | None = None) -> "Service":
@@ -64,15 +65,16 @@ class Service:
         with timed(phases, "weights_ms"):
             pipe = load_pipeline(source, plan, settings.cache_dir)
         from app import compile_cache
-        from app.optimize import apply_recipe, choose_recipe, warmup
+        from app.optimize import apply_recipe, choose_recipe, warmup, warmup_plan
 
         service = cls(pipe, source, settings, plan, store, phases)
         family = service.family
-        warm_jobs = _warmup_jobs(family, settings.shapes)
         recipe = choose_recipe(plan, settings, family)
+        warm_jobs = warmup_plan(family, _warmup_jobs(family, settings.shapes), recipe)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
-        shapes = [(j.width, j.height) for j in warm_jobs]
+        service.compiled = recipe.compile != "off"
+        shapes = [(j.width, j.height, j.num_images) for j in warm_jobs]
         compiled = recipe.compile != "off"
         key = compile_cache.cache_key(plan.gpu_name, plan.capability, source.cache_identity(), recipe.to_dict(),
                                       shapes)
@@ -137,7 +139,16 @@ class Service:
         import torch
 
         try:
-            return self.family.generate(self.pipe, job, on_step)
+            if not self.compiled:
+                return self.family.generate(self.pipe, job, on_step)
+            from app.optimize import graphs_compiled
+
+            before = graphs_compiled()
+            images = self.family.generate(self.pipe, job, on_step)
+            if graphs_compiled() > before:  # warm-up should make this unreachable: say so where it is seen
+                logger.warning("job at {}x{} x{} compiled {} new graph(s): a shape warm-up did not cover",
+                               job.width, job.height, job.num_images, graphs_compiled() - before)
+            return images
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:
