@@ -56,6 +56,7 @@ class Settings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp8", "int8", "bf16"] = "auto"
     compile: Literal["regional", "full", "off"] = "regional"
+    dynamic: Literal["off", "auto", "all"] = "auto"  # which shapes a compiled graph serves (app.optimize)
     attention: Literal["auto", "native", "cudnn", "flash", "fa3", "fa3_fp8"] = "auto"
     cuda_graphs: bool | None = None  # None: the model family decides (Family.cuda_graphs)
     shapes: list[tuple[int, int]] | None = None

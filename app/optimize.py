@@ -10,7 +10,8 @@ Order (each step depends on the ones before it):
                     then (`fuse_gelu_quant`, with FP8) FLUX's MLP outputs go to FP8 in one kernel
                     (app.fused: bench/results/variants_h200_s3.json)
   4. attention      the kernel chosen per GPU (app.attention)
-  5. compile        regional (each repeated block class once: short compile) | full | off
+  5. compile        regional (each repeated block class once: short compile) | full | off;
+                    `dynamic` says which shapes one graph serves (see `warmup_plan`)
   6. cuda_graphs    the whole denoiser call replayed from one CUDA graph per shape (app.cudagraphs);
                     last, since it records whatever the steps before produced
 
@@ -35,6 +36,9 @@ class Recipe:
     quantize: str = "none"  # fp8 | int8 | none
     attention: str = "native"  # native | cudnn | flash | fa3 | fa3_fp8
     compile: str = "off"  # regional | full | off
+    # off: a static graph per (batch, size), a new one compiles inside the job; auto: Dynamo's automatic
+    # dynamic shapes, made general by warm-up (see warmup_plan); all: dynamic from the first compile.
+    dynamic: str = "auto"
     cuda_graphs: bool = False
     fuse_gelu_quant: bool = False
 
@@ -51,8 +55,8 @@ def choose_recipe(plan, settings, family=None) -> Recipe:
     quant = plan.precision if plan.precision in ("fp8", "int8") else "none"
     attention = settings.attention if settings.attention != "auto" else _auto_attention(plan.capability)
     graphs = settings.cuda_graphs if settings.cuda_graphs is not None else bool(family and family.cuda_graphs)
-    return Recipe(fuse_qkv=True, quantize=quant, attention=attention, compile=settings.compile, cuda_graphs=graphs,
-                  fuse_gelu_quant=quant == "fp8")
+    return Recipe(fuse_qkv=True, quantize=quant, attention=attention, compile=settings.compile,
+                  dynamic=settings.dynamic, cuda_graphs=graphs, fuse_gelu_quant=quant == "fp8")
 
 
 def _auto_attention(capability) -> str:
@@ -93,11 +97,40 @@ def _attention(pipe, family, recipe):
 
 
 def _compile(pipe, family, recipe):
-    den = _denoiser(pipe, family)
-    if recipe.compile == "regional" and getattr(den, "_repeated_blocks", None):
-        den.compile_repeated_blocks(fullgraph=True, dynamic=False)
-    elif recipe.compile in ("regional", "full"):  # no repeated blocks declared: compile it whole
-        setattr(pipe, family.denoiser, torch.compile(den, fullgraph=True, dynamic=False))
+    setattr(pipe, family.denoiser, compile_denoiser(_denoiser(pipe, family), recipe.compile, recipe.dynamic))
+
+
+DYNAMIC = {"off": False, "auto": None, "all": True}  # Recipe.dynamic -> torch.compile(dynamic=...)
+# Graphs one compiled code object may hold before Dynamo runs it eager: the bucket graphs, the
+# generalized ones, and room for what a job at an unforeseen shape adds (logged by `graphs_compiled`).
+RECOMPILE_LIMIT = 64
+
+
+def compile_denoiser(den, mode: str, dynamic: str, backend="inductor"):
+    """`den` compiled as `mode` says (regional: each repeated block class; full: the whole module);
+    returns what the pipeline must hold (the module itself, or its compiled wrapper)."""
+    import torch._dynamo.config as dc
+
+    if dynamic not in DYNAMIC:
+        raise ValueError(f"unknown dynamic mode {dynamic!r} (one of {', '.join(DYNAMIC)})")
+    dc.automatic_dynamic_shapes = True  # what "auto" relies on (torch's default, set in case it was changed)
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.6; older ones have the second
+        if hasattr(dc, name):
+            setattr(dc, name, max(getattr(dc, name), RECOMPILE_LIMIT))
+    kw = dict(fullgraph=True, dynamic=DYNAMIC[dynamic], backend=backend)
+    if mode == "regional" and getattr(den, "_repeated_blocks", None):
+        den.compile_repeated_blocks(**kw)
+        return den
+    if mode in ("regional", "full"):  # no repeated blocks declared: compile it whole
+        return torch.compile(den, **kw)
+    return den
+
+
+def graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process (a job that adds one paid a compile)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _cuda_graphs(pipe, family, recipe):
@@ -131,18 +164,50 @@ def apply_recipe(pipe, family, recipe: Recipe) -> dict:
     return applied
 
 
-def warmup(pipe, family, jobs) -> dict:
-    """Run each warm-up job (`Family.warmup_jobs`: one short job per shape bucket) through the same
-    `generate` a job runs, so encoders and compiled graphs are ready; ms per shape.
+def warmup_plan(family, buckets: list, recipe: Recipe) -> list:
+    """The warm-up jobs: one per bucket at batch 1, then (when compiled with dynamic shapes) the passes
+    after which one graph per block class serves every batch 1-4 and every size, so no job compiles.
 
-    A job at a size outside the buckets still runs: with regional compilation it triggers one
-    recompile of the block graphs for that shape (seconds, logged by torch), later jobs at that
-    size are fast; past torch._dynamo's recompile limit it runs eager.
+    Dynamo specializes a dimension of size 1, and under `auto` marks a dimension dynamic on its first
+    recompile. Hence: a batch-1 job at an off-bucket size (`auto`, unless the buckets already differ in
+    pixel count) makes the token dimension dynamic at batch 1, and a batch-2 job at another off-bucket
+    size makes the batch dimension dynamic (>= 2, which serves 3 and 4 too). `dynamic=off` warms the
+    buckets only: a job at another batch or size compiles (seconds) inside the job.
     """
+    jobs = list(buckets)
+    if recipe.compile == "off" or recipe.dynamic == "off" or not jobs:
+        return jobs
+    seen = {w.job.width * w.job.height for w in jobs}
+    first = jobs[0]
+    if recipe.dynamic == "auto" and len(seen) < 2:
+        jobs.append(_off_bucket_job(family, first, seen, 1))
+    jobs.append(_off_bucket_job(family, first, seen, 2))
+    return jobs
+
+
+def _off_bucket_job(family, warm, seen: set, num_images: int):
+    """Warm-up `warm` (a Warmup: job and its input images) at `num_images` and at the nearest size within
+    the family's limits whose pixel (so token) count no earlier warm-up job had; adds that count to `seen`."""
+    from app.families.base import Warmup
+
+    job, m = warm.job, family.multiple
+    for k in range(1, 64):
+        for w in (job.width - k * m, job.width + k * m):
+            h = job.height
+            if family.min_side <= w <= family.max_side and w * h <= family.max_pixels and w * h not in seen:
+                seen.add(w * h)  # sides and pixels checked above; the rest of the job is already valid
+                return Warmup(job.model_copy(update=dict(width=w, height=h, num_images=num_images)), warm.images)
+    raise ValueError(f"no off-bucket size near {job.width}x{job.height} within the {family.name} family's limits")
+
+
+def warmup(pipe, family, jobs) -> dict:
+    """Run each warm-up job (`warmup_plan`) through the same `generate` a job runs, so encoders and
+    compiled graphs are ready; ms per job, keyed WIDTHxHEIGHT (xN for N images)."""
     out = {}
     for job, images in jobs:
         t0 = time.perf_counter()
         family.generate(pipe, job, images=images)
-        out[f"{job.width}x{job.height}"] = round((time.perf_counter() - t0) * 1000, 1)
+        name = f"{job.width}x{job.height}" + (f"x{job.num_images}" if job.num_images > 1 else "")
+        out[name] = round((time.perf_counter() - t0) * 1000, 1)
     logger.info("warm-up: {}", out)
     return out

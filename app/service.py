@@ -56,6 +56,7 @@ class Service:
         self.cold_start = cold_start  # reported with the first result, then dropped
         self.broken = False
         self._s3 = None  # the boto3 client s3:// inputs are read with, made on the first such job
+        self.compiled = False  # set by load when the recipe compiles: jobs then watch for recompiles
 
     @property
     def job_timeout_s(self) -> float:
@@ -77,15 +78,16 @@ class Service:
         with timed(phases, "weights_ms"):
             pipe = load_pipeline(source, plan, settings.cache_dir)
         from app import compile_cache
-        from app.optimize import apply_recipe, choose_recipe, warmup
+        from app.optimize import apply_recipe, choose_recipe, warmup, warmup_plan
 
         service = cls(pipe, source, settings, plan, store, phases)
         family = service.family
-        warm_jobs = _warmup_jobs(family, settings.shapes)
         recipe = choose_recipe(plan, settings, family)
+        warm_jobs = warmup_plan(family, _warmup_jobs(family, settings.shapes), recipe)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
-        shapes = [(w.job.width, w.job.height) for w in warm_jobs]
+        service.compiled = recipe.compile != "off"
+        shapes = [(w.job.width, w.job.height, w.job.num_images) for w in warm_jobs]
         compiled = recipe.compile != "off"
         key = compile_cache.cache_key(plan.gpu_name, plan.capability, source.cache_identity(), recipe.to_dict(),
                                       shapes)
@@ -169,7 +171,16 @@ class Service:
         import torch
 
         try:
-            return self.family.generate(self.pipe, job, on_step, inputs)
+            if not self.compiled:
+                return self.family.generate(self.pipe, job, on_step, inputs)
+            from app.optimize import graphs_compiled
+
+            before = graphs_compiled()
+            images = self.family.generate(self.pipe, job, on_step, inputs)
+            if graphs_compiled() > before:  # warm-up should make this unreachable: say so where it is seen
+                logger.warning("job at {}x{} x{} compiled {} new graph(s): a shape warm-up did not cover",
+                               job.width, job.height, job.num_images, graphs_compiled() - before)
+            return images
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:

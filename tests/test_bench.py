@@ -60,7 +60,7 @@ def test_stock_and_ours_figures(latency_run, name):
         assert r[side]["peak_GiB"] is None  # no CUDA here: no memory figures, not zeros
     graphs = name == "sdxl"  # the family's default, as the worker applies it when CUDA_GRAPHS is unset
     assert r["recipe"] == {"fuse_qkv": True, "quantize": "fp8", "attention": "native",
-                           "compile": "off", "cuda_graphs": graphs,
+                           "compile": "off", "dynamic": "auto", "cuda_graphs": graphs,
                            "fuse_gelu_quant": True}
     assert list(r["ours"]["apply_ms"]) == ["fuse_qkv", "quantize"] + ["cuda_graphs"] * graphs
     # On a CPU the graphed denoiser passes calls straight through: replay and plain runs must agree.

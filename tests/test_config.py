@@ -19,7 +19,7 @@ def test_defaults_give_the_cpu_demo():
 def test_every_field_is_read_from_its_upper_case_variable():
     env = {"MODEL": "tiny-sdxl", "REVISION": "abc", "OUTPUT_URI": "s3://b/p", "PRESIGN_TTL_S": "60",
            "GPU_PRICE_PER_HOUR": "2.5", "LOG_FORMAT": "json", "LOG_LEVEL": "debug", "DEVICE": "cpu",
-           "PRECISION": "bf16", "COMPILE": "off", "ATTENTION": "cudnn", "CUDA_GRAPHS": "1", "SHAPES": "512x512", "COMPILE_CACHE_URI": "s3://b/cc",
+           "PRECISION": "bf16", "COMPILE": "off", "DYNAMIC": "all", "ATTENTION": "cudnn", "CUDA_GRAPHS": "1", "SHAPES": "512x512", "COMPILE_CACHE_URI": "s3://b/cc",
            "WEIGHTS_URI": "s3://b/w", "CACHE_DIR": "/c", "JOB_TIMEOUT_S": "12.5", "PREFLIGHT": "0",
            "WARMUP": "false", "HF_OFFLINE": "true"}
     assert {f.upper() for f in Settings.model_fields} == set(env)
@@ -27,7 +27,7 @@ def test_every_field_is_read_from_its_upper_case_variable():
     assert s.model_dump() == dict(
         model="tiny-sdxl", revision="abc", hf_offline=True, output_uri="s3://b/p", presign_ttl_s=60,
         gpu_price_per_hour=2.5, log_format="json", log_level="DEBUG", device="cpu", precision="bf16",
-        compile="off", attention="cudnn", cuda_graphs=True, shapes=[(512, 512)], compile_cache_uri="s3://b/cc", weights_uri="s3://b/w",
+        compile="off", dynamic="all", attention="cudnn", cuda_graphs=True, shapes=[(512, 512)], compile_cache_uri="s3://b/cc", weights_uri="s3://b/w",
         cache_dir="/c", job_timeout_s=12.5, preflight=False, warmup=False)
 
 
