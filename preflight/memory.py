@@ -1,7 +1,7 @@
 """The memory plan: what stays on the GPU, chosen at start from free memory and the model's measured needs.
 
 Plain values in (free GiB, a table of component -> GiB at the plan's precision), a `MemoryPlan` out.
-The plans, cheapest first:
+The plans, fastest first (each with a whole decode, then a tiled one: tiling costs less than streaming):
 
   resident        every component on the GPU (the fastest path)
   offload-text    the text encoders live in host memory and stream through the GPU block by block
@@ -124,11 +124,12 @@ def choose_memory_plan(requested: str, free_gib: float | None, table: dict[str, 
             if _fits(need, free_gib):
                 return MemoryPlan(plan, tiling, need, round(free_gib, 2), forced, options)
     plan = candidates[-1]
-    least = need_gib(table, plan, bool(table.get("decode")))
+    tiled = f" ({need_gib(table, plan, True):.1f} with VAE tiling)" if table.get("decode") else ""
     parts = ", ".join(f"{c} {table[c]:g}" for c in COMPONENTS if table.get(c))
     what = f"MEMORY_PLAN={requested}" if forced else "every memory plan (even offload-blocks)"
     raise MemoryPlanError(
-        f"{what} needs about {least:.1f} GiB + {HEADROOM_GIB:g} GiB headroom but {free_gib:.1f} GiB is free "
+        f"{what} needs about {need_gib(table, plan):.1f} GiB{tiled} + {HEADROOM_GIB:g} GiB headroom but "
+        f"{free_gib:.1f} GiB is free "
         f"(GiB per component: {parts}): use a larger card, a lighter PRECISION"
         + (", or MEMORY_PLAN=auto" if forced else ", or free the GPU"))
 
