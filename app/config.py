@@ -59,6 +59,8 @@ class Settings(BaseModel):
     dynamic: Literal["off", "auto", "all"] = "auto"  # which shapes a compiled graph serves (app.optimize)
     attention: Literal["auto", "native", "cudnn", "flash", "fa3", "fa3_fp8"] = "auto"
     cuda_graphs: bool | None = None  # None: the model family decides (Family.cuda_graphs)
+    memory_plan: Literal["auto", "resident", "offload-text", "offload-blocks"] = "auto"  # preflight.memory
+    text_encoders: Literal["bf16", "fp8"] = "bf16"  # FP8Linear on the text encoders' repeated layers
     shapes: list[tuple[int, int]] | None = None
     compile_cache_uri: str | None = None
     weights_uri: str | None = None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from app.errors import WorkerBroken
+from app.memory import load_device
 from app.source import ModelSource
 from weights.errors import WeightsError
 from weights.load import Target
@@ -21,9 +22,10 @@ if TYPE_CHECKING:  # the bake (`python -m weights bake`) reads models through he
 
 
 def target(plan: Plan) -> Target:
-    """The weights package's view of a plan: device string, dtype of plain floats, capability."""
-    return Target("cuda:0" if plan.device == "cuda" else plan.device, plan.torch_dtype, plan.capability,
-                  plan.precision)
+    """The weights package's view of a plan: device string, dtype of plain floats, capability. Weights
+    go to host memory first when the memory plan streams some of them (app.memory.place moves the rest)."""
+    device = load_device(plan)
+    return Target("cuda:0" if device == "cuda" else device, plan.torch_dtype, plan.capability, plan.precision)
 
 
 def load_pipeline(source: ModelSource, plan: Plan, cache_dir: str = "/tmp/diffusion-worker", s3=None):
@@ -44,7 +46,7 @@ def load_pipeline(source: ModelSource, plan: Plan, cache_dir: str = "/tmp/diffus
 
 def _load(source: ModelSource, plan: Plan, cache_dir: str, s3):
     if source.kind == "tiny":
-        return source.family.build_tiny().to(plan.device, plan.torch_dtype)
+        return source.family.build_tiny().to(load_device(plan), plan.torch_dtype)
     if source.kind == "baked":
         from weights.load import load_baked
 
@@ -60,7 +62,7 @@ def _load(source: ModelSource, plan: Plan, cache_dir: str, s3):
 
     cls = getattr(diffusers, source.family.pipeline_class)
     return cls.from_pretrained(source.location, revision=source.revision, torch_dtype=plan.torch_dtype,
-                               local_files_only=source.offline).to(plan.device)
+                               local_files_only=source.offline).to(load_device(plan))
 
 
 def source_pipeline(source: ModelSource, dtype=None):

@@ -329,7 +329,7 @@ class JobResult(BaseModel):
     model: str
     timings: dict[str, float]
     cost: Cost
-    cold_start: dict[str, float] | None = None
+    cold_start: dict[str, float | str] | None = None  # phase ms, and the memory plan's name
 
 
 class ErrorBody(BaseModel):

@@ -64,28 +64,36 @@ class Service:
         return self.settings.job_timeout_s or self.family.job_timeout_s
 
     @classmethod
-    def load(cls, settings: Settings, store: OutputStore | None = None) -> "Service":
-        """Resolve the model, preflight, open the store, load, optimize and warm the pipeline; time each phase."""
-        phases: dict[str, float] = {}
+    def load(cls, settings: Settings, store: OutputStore | None = None, source: ModelSource | None = None,
+             loader=load_pipeline) -> "Service":
+        """Resolve the model, preflight, open the store, load, optimize and warm the pipeline; time each phase.
+
+        `source` and `loader(source, plan, cache_dir)` stand in for MODEL and its loading (the benches'
+        full-size random-weight pipelines take the rest of this path unchanged)."""
+        from app import memory
+
+        phases: dict[str, float | str] = {}
         t0 = time.perf_counter()
         with timed(phases, "source_ms"):
-            source = resolve(settings.model, settings.revision, settings.hf_offline, settings.weights_uri)
+            source = source or resolve(settings.model, settings.revision, settings.hf_offline, settings.weights_uri)
             _warmup_jobs(source.family, settings.shapes)  # SHAPES refused before any weight is read
         with timed(phases, "preflight_ms"):
             plan = run_preflight(settings, source)
         with timed(phases, "store_ms"):
             store = store or open_store(settings.output_uri, settings.presign_ttl_s)
         with timed(phases, "weights_ms"):
-            pipe = load_pipeline(source, plan, settings.cache_dir)
+            pipe = loader(source, plan, settings.cache_dir)
+            memory.place(pipe, source.family, plan)
         from app import compile_cache
         from app.optimize import apply_recipe, choose_recipe, warmup, warmup_plan
 
         service = cls(pipe, source, settings, plan, store, phases)
         family = service.family
-        recipe = choose_recipe(plan, settings, family)
+        recipe = memory.adjust_recipe(choose_recipe(plan, settings, family), plan)
         warm_jobs = warmup_plan(family, _warmup_jobs(family, settings.shapes), recipe)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
+            memory.stream_denoiser(pipe, family, plan)
         service.compiled = recipe.compile != "off"
         shapes = [(w.job.width, w.job.height, w.job.num_images) for w in warm_jobs]
         compiled = recipe.compile != "off"
@@ -99,6 +107,7 @@ class Service:
             if compiled and not restored:
                 compile_cache.save(settings.compile_cache_uri, key)
         phases["load_total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        phases["memory_plan"] = plan.memory + (" + vae-tiling" if plan.vae_tiling else "")
         logger.info("worker ready: {}", phases)
         return service
 

@@ -76,12 +76,23 @@ def check_cuda(torch):
         return fail("cuda", f"no usable CUDA device: {why}"), None
     cap = tuple(torch.cuda.get_device_capability(0))
     free, total = torch.cuda.mem_get_info(0)  # also creates the context every later check needs
+    free = usable_bytes(torch, free, total)
     gpu = GpuFacts(torch.cuda.get_device_name(0), cap, torch.cuda.device_count(),
                    tuple(torch.cuda.get_arch_list()), free, total)
     return ok("cuda", f"{gpu.count} device(s); {gpu.name}, capability {cap[0]}.{cap[1]}, "
                       f"{total / GIB:.1f} GiB", name=gpu.name, count=gpu.count, capability=f"{cap[0]}.{cap[1]}",
               memory_total_gib=round(total / GIB, 2), memory_free_gib=round(free / GIB, 2),
               arch_list=list(gpu.arch_list)), gpu
+
+
+def usable_bytes(torch, free: int, total: int) -> int:
+    """Free bytes this process may still allocate: the device's free memory, or less under a
+    `torch.cuda.set_per_process_memory_fraction` cap (how a smaller card is simulated on a large one)."""
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    f = fraction(0) if fraction else 1.0
+    if f >= 1.0:
+        return free
+    return max(0, min(free, int(f * total) - torch.cuda.memory_reserved(0)))
 
 
 def _version(text: str) -> tuple[int, int]:

@@ -25,6 +25,9 @@ class Plan:
     capability: tuple[int, int] | None = None
     gpu_name: str = "cpu"
     fp4_available: bool = False
+    memory: str = "resident"  # the memory plan (preflight.memory): resident | offload-text | offload-blocks
+    vae_tiling: bool = False
+    text_encoders: str = "bf16"  # bf16 | fp8 (TEXT_ENCODERS)
 
     @property
     def torch_dtype(self):

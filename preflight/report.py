@@ -99,5 +99,6 @@ class Report:
         p = self.plan
         where = f"{p.gpu_name} sm_{p.capability[0]}{p.capability[1]}" if p.capability else p.device
         rows.append(f"\npreflight {verdict}: {counts[FAIL]} failed, {counts[WARN]} warning(s), "
-                    f"{self.elapsed_ms:.0f} ms; plan: {p.precision} on {where}")
+                    f"{self.elapsed_ms:.0f} ms; plan: {p.precision} on {where}; memory: {p.memory}"
+                    + (" + VAE tiling" if p.vae_tiling else ""))
         return "\n".join(rows)

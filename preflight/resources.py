@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from preflight.gpu import GIB, GpuFacts
+from preflight.memory import MemoryPlanError, choose_memory_plan, table_for
 from preflight.report import Check, fail, first_line, ok, warn
 
 CACHE_MIN_GIB = 2.0  # compile caches (inductor/triton, AOT packages) and scratch under CACHE_DIR
@@ -40,6 +41,9 @@ class Inputs:
     hub_cache: str | None = None
     storage: Callable[[], str] | None = None
     storage_label: str = "output store"
+    memory: dict | None = None  # precision -> {component: GiB} (preflight.memory); None: vram_gib only
+    memory_plan: str = "auto"  # MEMORY_PLAN
+    text_encoders: str = "bf16"  # TEXT_ENCODERS
 
     def vram_need(self, precision: str) -> float | None:
         table = self.vram_gib or {}
@@ -60,6 +64,23 @@ def check_vram(gpu: GpuFacts, need_gib: float | None, source: str) -> Check:
 def check_vram_for(inputs: Inputs, gpu: GpuFacts, precision: str) -> Check:
     """The vram check for the model under `precision`."""
     return check_vram(gpu, inputs.vram_need(precision), f"{inputs.vram_source} as {precision}")
+
+
+def check_memory(inputs: Inputs, gpu: GpuFacts, precision: str):
+    """(vram check, MemoryPlan or None): the memory plan for this card's free memory and the model's
+    component table; without a table, the plain vram check (and MEMORY_PLAN taken as asked)."""
+    free = gpu.free_bytes / GIB
+    table = table_for(inputs.memory, precision, inputs.text_encoders)
+    try:
+        plan = choose_memory_plan(inputs.memory_plan, free, table)
+    except MemoryPlanError as e:
+        return fail("vram", f"{e.message} ({inputs.vram_source} as {precision})"), None
+    if table is None:
+        return check_vram_for(inputs, gpu, precision), plan
+    others = ", ".join(f"{p} {g:g}" for p, g in (plan.alternatives or {}).items() if p != plan.plan)
+    return ok("vram", f"memory plan {plan.describe()}; other plans need {others} GiB "
+                      f"({inputs.vram_source} as {precision}, text encoders {inputs.text_encoders})",
+              memory_free_gib=round(free, 2)), plan
 
 
 def free_gib(path: str | Path) -> tuple[float, Path]:

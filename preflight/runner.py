@@ -7,6 +7,7 @@ checks run: an S3 round trip overlaps CUDA initialisation instead of adding to i
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
@@ -15,7 +16,8 @@ from loguru import logger
 from preflight.gpu import check_arch, check_cuda, check_cudnn, check_driver, check_torch
 from preflight.precision import CPU_PLAN, check_precision, check_precision_cpu
 from preflight.report import Check, Report, fail, first_line, skipped
-from preflight.resources import Inputs, check_disk, check_storage, check_vram_for
+from preflight.memory import MemoryPlanError, choose_memory_plan
+from preflight.resources import Inputs, check_disk, check_memory, check_storage
 from preflight.software import check_pins, check_torchao
 
 GPU_ONLY = ("cuda", "driver", "arch", "cudnn", "precision", "torchao", "pins", "vram")
@@ -57,9 +59,14 @@ def _cpu_checks(inputs: Inputs, why: str):
     except metadata.PackageNotFoundError:
         ao = "torchao not installed"
     checks += [precision, skipped("torchao", f"{why}: {ao}; its compiled kernels are GPU kernels"),
-               skipped("pins", f"{why}: requirements/gpu.txt applies to the GPU image"),
-               skipped("vram", f"{why}: no GPU memory to check")]
-    return checks, plan or CPU_PLAN
+               skipped("pins", f"{why}: requirements/gpu.txt applies to the GPU image")]
+    plan = plan or CPU_PLAN
+    try:  # no GPU memory to weigh: a forced MEMORY_PLAN is applied as asked (its hooks run on the CPU)
+        memory = choose_memory_plan(inputs.memory_plan, None, None)
+    except MemoryPlanError as e:
+        return checks + [fail("vram", e.message)], plan
+    checks.append(skipped("vram", f"{why}: no GPU memory to check; memory plan {memory.plan}"))
+    return checks, replace(plan, memory=memory.plan, text_encoders=inputs.text_encoders)
 
 
 def _gpu_checks(inputs: Inputs, torch):
@@ -78,8 +85,10 @@ def _gpu_checks(inputs: Inputs, torch):
         precision, plan = timed("precision", check_precision, inputs.precision, gpu)
         checks.append(precision)
         plan = plan or CPU_PLAN
-    checks += [timed("torchao", check_torchao, plan.precision)[0], timed("pins", check_pins)[0],
-               timed("vram", check_vram_for, inputs, gpu, plan.precision)[0]]
+    vram, memory = timed("vram", check_memory, inputs, gpu, plan.precision)
+    checks += [timed("torchao", check_torchao, plan.precision)[0], timed("pins", check_pins)[0], vram]
+    if memory is not None:
+        plan = replace(plan, memory=memory.plan, vae_tiling=memory.vae_tiling, text_encoders=inputs.text_encoders)
     return checks, plan
 
 
@@ -114,6 +123,8 @@ def _log(report: Report) -> None:
         if c.status == "warn":
             logger.warning("preflight {}: {}", c.id, c.detail)
     if report.ok:
-        logger.info("preflight ok in {} ms: plan {} {}", report.elapsed_ms, report.plan.device, report.plan.precision)
+        p = report.plan
+        logger.info("preflight ok in {} ms: plan {} {}, memory {}{}", report.elapsed_ms, p.device, p.precision,
+                    p.memory, " + VAE tiling" if p.vae_tiling else "")
     else:
         logger.error("preflight failed in {} ms: {}", report.elapsed_ms, report.failures())

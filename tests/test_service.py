@@ -41,13 +41,13 @@ def test_cost_uses_the_gpu_price_override(tiny_flux_service):
 
 
 def test_price_table():
-    assert price_per_hour("NVIDIA H100 80GB HBM3") == 4.18
-    assert price_per_hour("NVIDIA H100 NVL") == 4.47  # the longer name wins
+    assert price_per_hour("NVIDIA H100 80GB HBM3") == 4.176  # RunPod serverless flex, per second x 3600
+    assert price_per_hour("NVIDIA RTX A4000") == 0.576  # the longer name wins over "A40"
     assert price_per_hour("NVIDIA H200") == 5.58
     assert price_per_hour("Some Future GPU") == 0.0
     assert price_per_hour("NVIDIA H100 80GB HBM3", override=1.5) == 1.5
     assert job_cost("NVIDIA H100 80GB HBM3", 36.0) == {"gpu": "NVIDIA H100 80GB HBM3", "gpu_seconds": 36.0,
-                                                      "usd": pytest.approx(4.18 / 100)}
+                                                      "usd": pytest.approx(4.176 / 100)}
 
 
 def test_cold_start_is_reported_on_the_first_result_only(tmp_path):
@@ -59,9 +59,9 @@ def test_cold_start_is_reported_on_the_first_result_only(tmp_path):
     second = service.run({"prompt": "a cat", "seed": 1, **FAST}, "cold-2")
     cold = first["cold_start"]
     assert set(cold) == {"source_ms", "preflight_ms", "store_ms", "weights_ms", "optimize_ms", "compile_cache_ms", "warmup_ms",
-                         "load_total_ms"}
-    assert cold["weights_ms"] > 0 and cold["warmup_ms"] > 0
-    assert cold["load_total_ms"] >= sum(v for k, v in cold.items() if k != "load_total_ms") - 1
+                         "load_total_ms", "memory_plan"}
+    assert cold["weights_ms"] > 0 and cold["warmup_ms"] > 0 and cold["memory_plan"] == "resident"
+    assert cold["load_total_ms"] >= sum(v for k, v in cold.items() if k.endswith("_ms") and k != "load_total_ms") - 1
     assert "cold_start" not in second
 
 

@@ -84,3 +84,32 @@ def quantize_denoiser(denoiser, precision: str, skip: Callable[[str], bool], fus
             quantize_(denoiser, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: fqn in chosen)
         return sorted(chosen)
     return []
+
+
+# Text-encoder linears kept in high precision whatever their place: T5's feed-forward output `wo`, whose
+# input transformers casts to the weight's dtype (an FP8 weight would turn the activation into raw e4m3
+# codes; transformers keeps `wo` in fp32 under fp16 for its overflow).
+TEXT_KEEP = (r".*\.wo",)
+
+
+def encoder_linears(encoder, keep=TEXT_KEEP) -> list[str]:
+    """Names of the linears inside a text encoder's repeated layers (its `nn.ModuleList`s) that FP8 may
+    take. Embeddings, norms, a final projection (CLIP's `text_projection`), anything outside the
+    repeated layers and `keep`'s patterns stay in high precision: few FLOPs, and where the output's
+    scale is set."""
+    lists = [n for n, m in encoder.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    kept = skip_patterns(keep)
+    return [n for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear) and fits_scaled_mm(m)
+            and any(n.startswith(f"{p}.") for p in lists) and not kept(n)]
+
+
+@torch.no_grad()
+def quantize_text_encoder(encoder, precision: str = "fp8") -> list[str]:
+    """FP8Linear (the denoiser's row-wise e4m3 machinery) on a text encoder's repeated-layer linears
+    (`encoder_linears`); return their names. Idempotent; `bf16`/`none` changes nothing."""
+    if precision not in ("fp8", "bf16", "none"):
+        raise ValueError(f"text encoders run fp8 or bf16, not {precision!r}")
+    if precision != "fp8":
+        return []
+    chosen = set(encoder_linears(encoder))
+    return swap_linears(encoder, keep=lambda name: name not in chosen)

@@ -66,6 +66,8 @@ class Family:
     # CUDA graphs around the denoiser when CUDA_GRAPHS is unset: on where a step is launch-bound.
     cuda_graphs: bool = False
     vram_gib: dict[str, float] = field(default_factory=dict)  # precision -> GiB needed at the default size
+    # precision -> {component: GiB} for the memory plan (preflight.memory.COMPONENTS); empty: from vram_gib
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
     tiny_defaults: Defaults | None = None
     checkpoint_keys: str | None = None  # the module mapping published single-file key names (weights import)
     tiny: bool = False  # this is the embedded tiny variant
@@ -90,6 +92,13 @@ class Family:
         """True when `module_name` of the denoiser must not be quantized."""
         return any(re.fullmatch(p, module_name) for p in self.quant_skip)
 
+    def memory_table(self) -> dict[str, dict[str, float]]:
+        """precision -> component GiB for preflight's memory plan; a family without measured parts gets
+        its `vram_gib` as one resident block (only the resident plan is then told apart)."""
+        from preflight.memory import default_table
+
+        return self.memory or {p: default_table(g) for p, g in self.vram_gib.items()}
+
     def variant(self, denoiser_config) -> "Family":
         """This family as the loaded model's config says (the base: no variants)."""
         return self
@@ -97,7 +106,8 @@ class Family:
     def tiny_variant(self) -> "Family":
         """The embedded tiny model's variant: its own defaults, one warm-up bucket, almost no VRAM."""
         d = self.tiny_defaults or self.defaults
-        return replace(self, defaults=d, shapes=((d.width, d.height),), vram_gib={"bf16": 0.5}, tiny=True)
+        return replace(self, defaults=d, shapes=((d.width, d.height),), vram_gib={"bf16": 0.5}, memory={},
+                       tiny=True)
 
     def build_tiny(self):
         """The embedded tiny random pipeline (real classes, narrow and shallow): a family module's own."""

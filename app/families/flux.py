@@ -105,6 +105,14 @@ FAMILY = Flux(
     negative_prompt=False,  # guidance-distilled: a negative prompt needs true CFG (2x cost)
     cuda_graphs=False,  # H200: 95.9 vs 96.2 ms/step (0.3%), not worth the graphs' memory (variants_graphs_h200.json)
     vram_gib={"bf16": 36.0, "fp8": 22.0, "int8": 22.0},
+    # Weights: the FLUX.1-dev architecture on the meta device (fp8: FP8Linear where the skip list allows,
+    # 15.2 GB as baked; int8: the same layers at a byte a weight); T5-XXL 8.87 + CLIP-L 0.23 GiB in bf16,
+    # 5.50 + 0.23 with their repeated layers in FP8 (T5's `wo` kept); VAE 0.16. decode: peak minus resident
+    # at 1024x1024 is 2.38 GiB for FLUX and SDXL alike (latency_h200.json), whose VAE decoders are the
+    # same there: the decode's peak. activations: a step's working memory, an estimate under that.
+    memory={p: {"denoiser": den, "text_encoders": 9.10, "text_encoders_fp8": 5.73, "vae": 0.16,
+                "activations": 1.0, "decode": 2.4, "block": blk}
+            for p, den, blk in (("bf16", 22.17, 1.38), ("fp8", 14.16, 0.96), ("int8", 14.16, 0.96))},
     tiny_defaults=Defaults(256, 256, 4, 3.5, 64),
     checkpoint_keys="weights.flux_keys",
     img2img_class="FluxImg2ImgPipeline",  # a job sending an image runs image-to-image on the same weights

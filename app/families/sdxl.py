@@ -86,6 +86,12 @@ FAMILY = SDXL(
     negative_prompt=True,
     cuda_graphs=True,
     vram_gib={"bf16": 12.0, "fp8": 10.0, "int8": 10.0},
+    # Weights from the SDXL base architecture on the meta device (UNet bf16 4.78 / fp8 2.75 GiB, CLIP-L +
+    # OpenCLIP-bigG 1.52, VAE 0.16); decode as FLUX's (the same VAE decoder at 1024x1024); block: the
+    # largest up block twice plus the mid block (outside the block lists).
+    memory={p: {"denoiser": den, "text_encoders": 1.52, "vae": 0.16, "activations": 1.0, "decode": 2.4,
+                "block": blk}
+            for p, den, blk in (("bf16", 4.78, 5.27), ("fp8", 2.75, 3.02), ("int8", 2.75, 3.02))},
     tiny_defaults=Defaults(256, 256, 4, 5.0),
     img2img_class="StableDiffusionXLImg2ImgPipeline",  # a job sending an image: same UNet, VAE and encoders
     default_strength=0.8,
