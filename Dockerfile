@@ -80,7 +80,7 @@ RUN python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash \
 # bakes the tiny model from exactly these files and fails until then.
 WORKDIR /app
 COPY weights/ /app/weights/
-COPY app/__init__.py app/errors.py app/tiny.py app/schema.py app/limits.py app/source.py app/loading.py \
+COPY app/__init__.py app/errors.py app/tiny.py app/schema.py app/limits.py app/source.py app/loading.py app/memory.py \
      /app/app/
 COPY app/families/ /app/app/families/
 
