@@ -22,6 +22,19 @@ def wait_for(pred, timeout: float = 20, every: float = 0.05) -> bool:
 
 
 @contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]):
+    """A stdlib HTTP server for `handler` on 127.0.0.1 (threads per request); yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def served(app):
     """An ASGI app served by uvicorn on 127.0.0.1 (a real HTTP server, in a thread); yields its port."""
     import uvicorn

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -14,7 +13,7 @@ from app import client
 from app.client import Jobs, JobStatus, ModalJobs, RemoteJobFailed, RunPodJobs, TransportError, WaitTimeout
 from app.jobs import normalize_error
 from app.jobs_api import ThreadBackend, create_app
-from tests.helpers_net import served
+from tests.helpers_net import http_server, served
 
 TOKEN = "cli-token-0123456789abcdef"
 
@@ -170,7 +169,7 @@ SECRET_TOKEN = "Tk9+/abc=DEF-ghijkl0123456789"
 def reflector():
     """An upstream on 127.0.0.1 that reflects the request's headers into its answers, the way a
     misconfigured proxy or debug endpoint does; the path picks the status and the shape."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
     from urllib.parse import quote
 
     class Reflect(BaseHTTPRequestHandler):
@@ -207,12 +206,8 @@ def reflector():
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             self.answer()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Reflect)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(Reflect) as url:
+        yield url
 
 
 def assert_no_token(text: str) -> None:

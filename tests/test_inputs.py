@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from PIL import Image
@@ -23,6 +22,7 @@ from app.families.sdxl import FAMILY as SDXL
 from app.fetch import FetchLimits
 from app.inputs import load_inputs, to_rgb
 from app.schema import parse_job
+from tests.helpers_net import http_server
 
 KiB = 1024
 TEXT_ONLY = replace(FLUX, name="text-only", img2img_class=None)  # a family with no image task at all
@@ -153,12 +153,8 @@ class Routes(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Routes)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with http_server(Routes) as url:
+        yield url
 
 
 def gif() -> bytes:

@@ -36,6 +36,16 @@ class Warmup(NamedTuple):
     images: list | None = None
 
 
+def step_callback(on_step: StepCallback, total: int):
+    """A diffusers `callback_on_step_end` reporting (step done, total) to `on_step`."""
+
+    def _callback(pipe, step, timestep, tensors):
+        on_step(step + 1, total)
+        return tensors
+
+    return _callback
+
+
 @dataclass(frozen=True)
 class Defaults:
     width: int
@@ -190,11 +200,7 @@ class Family:
             kw["strength"] = job.strength
             total = self.img2img_steps(job)
         if on_step is not None:
-            def _callback(pipe, step, timestep, tensors):
-                on_step(step + 1, total)
-                return tensors
-
-            kw["callback_on_step_end"] = _callback
+            kw["callback_on_step_end"] = step_callback(on_step, total)
         return kw
 
     def generate(self, pipe, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> list:

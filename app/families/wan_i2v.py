@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from app.families.base import Defaults, Family, StepCallback, Warmup, synthetic_image
+from app.families.base import Defaults, Family, StepCallback, Warmup, step_callback, synthetic_image
 from app.schema import Job, parse_job
 
 PROMPT_TOKENS = 512  # Wan's attention processor splits image tokens off at exactly 512 text tokens
@@ -117,13 +117,7 @@ class WanI2V(Family):
             output_type="np",
         )
         if on_step is not None:
-            total = job.num_inference_steps
-
-            def _callback(pipe, step, timestep, tensors):
-                on_step(step + 1, total)
-                return tensors
-
-            kw["callback_on_step_end"] = _callback
+            kw["callback_on_step_end"] = step_callback(on_step, job.num_inference_steps)
         return kw
 
     def generate(self, pipe, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> list:
