@@ -2,6 +2,7 @@
                          [--out DIR] [--tiny --size 64 --steps 2]   (--tiny: app.tiny's models, e.g. on a CPU)
 python -m bench coldstart ...   (see bench/coldstart.py)
 python -m bench cost | capped [--tiny]   (memory plans, price per image)
+python -m bench video [--steps 3] [--tiny]   (see bench/video.py)
 Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
 
 import argparse
@@ -34,6 +35,11 @@ def main(argv=None) -> int:
     qk.add_argument("--fused-only", action="store_true", help="only app.fused's kernel against Inductor's fusion")
     ed = sub.add_parser("edit", help="Qwen-Image-Edit CFG step (20B transformer): stock vs recipe variants")
     ed.add_argument("variants", nargs="*", default=None, help="default: all (see bench/edit.py)")
+    vid = sub.add_parser("video", help="Wan 2.1 I2V 14B at 480p/720p, 81 frames: stock vs recipe, VAE, MP4, 4-step e2e")
+    vid.add_argument("--steps", type=int, default=3, help="timed CFG steps per size (after one warm step)")
+    vid.add_argument("--budget", type=float, default=510.0, help="seconds after which later sections are skipped")
+    vid.add_argument("--out", default="bench/results")
+    vid.add_argument("--tiny", action="store_true", help="the family's tiny random model (CPU plumbing check)")
     enc = sub.add_parser("encode", help="output encode cost: PNG levels, JPEG, WEBP on a photo and on noise (CPU)")
     enc.add_argument("--size", type=int, default=1024)
     wp = sub.add_parser("warmpath", help="FLUX warm path: step caches, text-embedding cache, T5 length buckets")
@@ -86,6 +92,14 @@ def main(argv=None) -> int:
         from bench.edit import VARIANTS, main as edit
 
         edit(tuple(args.variants or VARIANTS))
+    elif args.cmd == "video":
+        from bench.video import main as video
+
+        res = video(args.steps, args.out, args.tiny, args.budget)
+        failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
+        if failed:
+            print(f"bench video: failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
     elif args.cmd == "encode":
         from bench.encode import main as encode
 

@@ -236,3 +236,18 @@ def test_warmpath_bench_plumbing_on_the_tiny_flux(tmp_path):
     assert res["buckets"][max(lengths)]["rel_l2_vs_longest"] == 0 and len(lengths) == 3
     assert res["buckets"][min(lengths)]["rel_l2_vs_longest"] > 0  # a shorter T5 sequence changes the latents
     assert list(tmp_path.glob("warmpath_*.json"))
+
+
+def test_video_bench_plumbing_on_the_tiny_wan_model(tmp_path, monkeypatch):
+    """bench video --tiny on the CPU: every section runs, FP8 moves the output a little, the e2e job
+    goes through Service.run to an MP4, the JSON is written."""
+    from bench.__main__ import main as bench_main
+
+    monkeypatch.delenv("OUT", raising=False)
+    assert bench_main(["video", "--tiny", "--steps", "1", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("video_tiny_*.json")
+    res = json.loads(js.read_text())
+    assert res["recipe"]["fp8_linears"] > 0 and 0 < res["ours_480p"]["rel_err_vs_stock_bf16"] < 0.1
+    assert res["stock_eager_480p"]["cfg_step_s"] > 0 and res["ours_720p"]["cfg_step_s"] > 0
+    assert res["vae_and_mp4_480p"]["mp4_vae_output_bytes"] > 0
+    assert res["e2e_4step_480p"]["frames"] == 9 and res["e2e_4step_480p"]["mp4_bytes"] > 0

@@ -42,10 +42,15 @@ class WanI2V(Family):
         """Wan 2.2 A14B (no CLIP image tokens: `image_dim` None) samples at guidance 3.5; Wan 2.1 at 5.0.
         Wan 2.1 FLF2V 720P (first/last frame: `pos_embed_seq_len` set) is a 720P-only checkpoint."""
         if getattr(denoiser_config, "image_dim", 1280) is None:
-            return replace(self, defaults=replace(self.defaults, guidance=3.5))
+            # two 14.3B experts (no CLIP tower): 57 GB of bf16 transformers, 29 GB as FP8
+            return replace(self, defaults=replace(self.defaults, guidance=3.5),
+                           vram_gib={"bf16": 78.0, "fp8": 51.0, "int8": 51.0})
         if getattr(denoiser_config, "pos_embed_seq_len", None):
             return replace(self, defaults=replace(self.defaults, width=1280, height=720))
         return self
+
+    def task(self, with_inputs: bool) -> str:
+        return "i2v"
 
     def tiny_variant(self) -> Family:
         """64x64, 9 frames, 2 steps: the real pipeline in well under a second on a CPU."""
@@ -87,9 +92,9 @@ class WanI2V(Family):
             intermediate_size=16, patch_size=8))
         image_processor = CLIPImageProcessor(crop_size=32, size=32)
         transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
-            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=16, added_kv_proj_dim=24,
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,  # widths of 16k: FP8-able
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=16, added_kv_proj_dim=32,
         )
         scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
         return eval_mode(getattr(diffusers, self.pipeline_class)(
@@ -137,6 +142,36 @@ class WanI2V(Family):
         out = dict(prompt_embeds=_t5_embeds(pipe, prompt))
         if negative_prompt is not None:
             out["negative_prompt_embeds"] = _t5_embeds(pipe, negative_prompt)
+        return out
+
+    def decode(self, pipe, latents, width: int, height: int):
+        """The VAE decode of `output_type="latent"` latents [1, 16, latent frames, h/8, w/8] -> [1, 3, frames, h, w]."""
+        import torch
+
+        vae = pipe.vae
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        return vae.decode(latents * std + mean, return_dict=False)[0]
+
+    def denoiser_inputs(self, pipe, width: int, height: int, seed: int = 0, frames: int | None = None) -> dict:
+        """One transformer forward as the pipeline calls it: at 832x480 and 81 frames, 21 latent frames of
+        36 channels (noise + first-frame condition + mask) at 60x104 (32,760 tokens after 2x2 patches),
+        512 UMT5 tokens of 4096, 257 CLIP tokens of 1280 (Wan 2.1; Wan 2.2 has none)."""
+        import torch
+
+        den = pipe.transformer
+        cfg, dev, dt = den.config, den.device, den.dtype
+        g = torch.Generator(dev.type).manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=dt)  # noqa: E731
+        lat_frames = ((frames or self.defaults.frames) - 1) // self.frame_multiple + 1
+        out = dict(hidden_states=rnd(1, cfg.in_channels, lat_frames, height // 8, width // 8),
+                   timestep=torch.tensor([500.0], device=dev), encoder_hidden_states=rnd(1, PROMPT_TOKENS, cfg.text_dim),
+                   return_dict=False)
+        if cfg.image_dim:
+            enc = getattr(pipe, "image_encoder", None)
+            tokens = (enc.config.image_size // enc.config.patch_size) ** 2 + 1 if enc is not None else 257
+            out["encoder_hidden_states_image"] = rnd(1, tokens, cfg.image_dim)
         return out
 
     def encode_outputs(self, outputs: list, job: Job) -> list:
@@ -187,12 +222,18 @@ FAMILY = WanI2V(
     shapes=((832, 480),),
     # patch embedding (a Conv3d, never a Linear), the time / text / image embedders, the per-block and
     # final modulation tables (parameters), the norms and the head stay bf16
-    quant_skip=(r"condition_embedder\..*", r"proj_out", r".*norm.*"),
-    fuse_qkv=True,  # WanAttnProcessor reads to_qkv / to_kv / to_added_kv after fuse_projections
+    # Only Linears are quantized, so the list names the Linears that stay bf16: the time / text / image
+    # embedders and the head. The patch embedding (a Conv3d), the norms (LayerNorm / RMSNorm) and the
+    # modulation tables (scale_shift_table parameters) are never FP8Linear candidates.
+    quant_skip=(r"condition_embedder\..*", r"proj_out"),
+    # WanAttnProcessor reads fused projections, but weights.quantize.fuse_qkv drops the unfused ones and
+    # the processor tells I2V blocks by `add_k_proj is not None`; at 32k tokens the three Q/K/V GEMMs are
+    # compute-bound anyway (fusion saves launches, not FLOPs), so they stay unfused
+    fuse_qkv=False,
     negative_prompt=True,
-    # bf16: 14B transformer 28.6 GB + UMT5-XXL 11.4 GB + CLIP ViT-H 1.3 GB + VAE 0.25 GB + 480p/81-frame
-    # activations and the VAE decode ~10 GB; fp8: the block linears at one byte (~14 GB less)
-    vram_gib={"bf16": 56.0, "fp8": 42.0, "int8": 42.0},
+    # Estimates: transformer 16.4B params (the 14B blocks + image K/V) 32.8 GB bf16, 16.6 GB FP8; UMT5-XXL
+    # 11.4 GB; CLIP ViT-H 1.3 GB; VAE 0.25 GB; 480p/81-frame activations and the VAE decode ~15 GB
+    vram_gib={"bf16": 57.0, "fp8": 42.0, "int8": 42.0},
     tiny_defaults=Defaults(64, 64, 2, 5.0, PROMPT_TOKENS, frames=9, fps=16),
     checkpoint_keys="weights.wan_keys",
     max_images=1,
