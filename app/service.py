@@ -79,7 +79,7 @@ class Service:
         recipe = memory.adjust_recipe(choose_recipe(plan, settings, family), plan)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
-            memory.stream_denoiser(pipe, family, plan)
+            memory.finish(pipe, family, plan)
         shapes = [(j.width, j.height) for j in warm_jobs]
         compiled = recipe.compile != "off"
         key = compile_cache.cache_key(plan.gpu_name, plan.capability, source.cache_identity(), recipe.to_dict(),
