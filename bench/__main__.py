@@ -1,7 +1,7 @@
 """python -m bench latency [--models flux,sdxl] [--compile regional|full] [--attention fa3|cudnn|native]
                          [--out DIR] [--tiny --size 64 --steps 2]   (--tiny: app.tiny's models, e.g. on a CPU)
 python -m bench coldstart ...   (see bench/coldstart.py)
-python -m bench cost | capped [--tiny] | int8 [--tiny] | textfp8 [--tiny]   (memory plans, INT8, price per image)
+python -m bench cost | capped [--tiny]   (price per image by GPU class; FLUX under a 24 GB cap)
 Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
 
 import argparse
@@ -39,15 +39,12 @@ def main(argv=None) -> int:
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
     sub.add_parser("cost", help="USD per image by GPU class (no GPU needed; see bench/cost.py)", add_help=False)
     sub.add_parser("capped", help="FLUX under a 23.5 GiB cap through Service (see bench/capped.py)", add_help=False)
-    sub.add_parser("int8", help="torchao INT8 dynamic vs bf16 denoisers (see bench/int8.py)", add_help=False)
-    sub.add_parser("textfp8", help="FP8 T5-XXL: encoder and denoiser error (see bench/text_fp8.py)", add_help=False)
     if argv is None:
         argv = sys.argv[1:]
-    if argv and argv[0] in ("cost", "capped", "int8", "textfp8"):  # these parse their own arguments
+    if argv and argv[0] in ("cost", "capped"):  # these parse their own arguments
         import importlib
 
-        module = {"textfp8": "text_fp8"}.get(argv[0], argv[0])
-        return importlib.import_module(f"bench.{module}").main(argv[1:])
+        return importlib.import_module(f"bench.{argv[0]}").main(argv[1:])
     args = ap.parse_args(argv)
     if args.cmd == "latency":
         from bench.latency import main as latency
