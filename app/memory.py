@@ -4,11 +4,13 @@
                   (a 24 GB card cannot hold the whole pipeline even for a moment)
   place           after loading: FP8 text encoders when TEXT_ENCODERS=fp8; the text encoders stream
                   from pinned host memory through the GPU leaf by leaf (diffusers' group offloading,
-                  a CUDA stream prefetching the next leaf) under offload-text/offload-blocks; the rest
-                  goes to the GPU, except an offload-blocks denoiser; VAE tiling when planned
+                  a CUDA stream prefetching the next leaf) under offload-text/offload-blocks; the VAE
+                  goes to the GPU; VAE tiling when planned
   adjust_recipe   offload-blocks: compile and CUDA graphs off (below)
-  stream_denoiser after the recipe (quantized weights are what streams): the denoiser's blocks stream
-                  (`block_level`, one block per group, `use_stream=True`) under offload-blocks
+  finish          after the recipe, so the denoiser is fused and quantized in host memory first (a bf16
+                  FLUX transformer and its QKV fusion's copies do not fit a 24 GB card; compile is lazy):
+                  offload-text moves it to the GPU; offload-blocks streams its blocks (`block_level`,
+                  one block per group, `use_stream=True`)
 
 Streaming changes where weights wait, not what runs: the same kernels see the same tensors, so an
 offloaded job gives the bytes a resident one gives. FP8Linear keeps its codes and scales as buffers,
@@ -62,9 +64,9 @@ def place(pipe, family, plan) -> dict:
     if plan.text_encoders == "fp8":
         done["text_encoders_fp8"] = {n: len(quantize_text_encoder(m, "fp8")) for n, m in encoders.items()}
     if plan.memory != "resident":
-        streamed = set(encoders) | ({family.denoiser} if plan.memory == "offload-blocks" else set())
+        later = set(encoders) | {family.denoiser}  # the encoders stream; the denoiser waits for `finish`
         for name, module in pipe.components.items():
-            if name not in streamed and isinstance(module, torch.nn.Module):
+            if name not in later and isinstance(module, torch.nn.Module):
                 module.to(device)
         for module in encoders.values():
             _offload(module, device, "leaf_level")
@@ -91,10 +93,15 @@ def adjust_recipe(recipe, plan):
     return replace(recipe, compile="off", cuda_graphs=False)
 
 
-def stream_denoiser(pipe, family, plan) -> bool:
-    """Stream the (quantized) denoiser by blocks under offload-blocks; whether it now streams."""
-    if plan.memory != "offload-blocks":
-        return False
-    _offload(getattr(pipe, family.denoiser), "cuda:0" if plan.device == "cuda" else plan.device, "block_level")
+def finish(pipe, family, plan) -> str:
+    """Put the (fused, quantized) denoiser where the plan wants it; where it went."""
+    if plan.memory == "resident":
+        return "resident"
+    device = "cuda:0" if plan.device == "cuda" else plan.device
+    denoiser = getattr(pipe, family.denoiser)
+    if plan.memory == "offload-text":
+        denoiser.to(device)
+        return device
+    _offload(denoiser, device, "block_level")
     logger.info("memory plan offload-blocks: {} streams one block at a time", family.denoiser)
-    return True
+    return "streamed"

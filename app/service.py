@@ -93,10 +93,9 @@ class Service:
         warm_jobs = warmup_plan(family, _warmup_jobs(family, settings.shapes), recipe)
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
-            memory.stream_denoiser(pipe, family, plan)
-        service.compiled = recipe.compile != "off"
+            memory.finish(pipe, family, plan)
+        compiled = service.compiled = recipe.compile != "off"
         shapes = [(w.job.width, w.job.height, w.job.num_images) for w in warm_jobs]
-        compiled = recipe.compile != "off"
         key = compile_cache.cache_key(plan.gpu_name, plan.capability, source.cache_identity(), recipe.to_dict(),
                                       shapes)
         with timed(phases, "compile_cache_ms"):

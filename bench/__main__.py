@@ -1,7 +1,7 @@
 """python -m bench latency [--models flux,sdxl] [--compile regional|full] [--attention fa3|cudnn|native]
                          [--out DIR] [--tiny --size 64 --steps 2]   (--tiny: app.tiny's models, e.g. on a CPU)
 python -m bench coldstart ...   (see bench/coldstart.py)
-python -m bench cost | capped [--tiny]   (memory plans, price per image)
+python -m bench cost | capped [--tiny]   (price per image by GPU class; FLUX under a 24 GB cap)
 python -m bench video [--steps 3] [--tiny]   (see bench/video.py)
 Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
 
