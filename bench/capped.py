@@ -196,10 +196,7 @@ def main(argv=None) -> int:
     except Exception as e:  # keep going: the capped run is the point
         res["uncapped"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         failed = True
-<<<<<<< HEAD
-=======
         pipe = service = None  # noqa: F841  (their GPU memory must go before the capped run)
->>>>>>> memplan
     _release()
     torch._dynamo.reset()
     ballast_gib = 0.0
