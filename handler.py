@@ -20,15 +20,19 @@ from runpod.serverless.modules.rp_logger import RunPodLogger  # noqa: E402
 from app.config import Settings, secret_values
 from app.errors import WorkerBroken
 from app.jobs import error_text
-from app.logs import configure_logging, scrub_stdio
+from app.logs import configure_logging, report_start_failure, scrub_stdio
 from app.service import Service
 
 # The variable above is read only when runpod is first imported, and RUNPOD_LOG_LEVEL overrides it:
 # hold the level at INFO whatever was imported or set before (DEBUG prints presigned URLs with their
 # signature, access key id and session token).
 RunPodLogger().set_level("INFO")
-settings = Settings.from_env()
-configure_logging(settings.log_format, settings.log_level, secret_values())
+try:
+    settings, broken = Settings.from_env(), None
+except WorkerBroken as e:  # a bad setting: reported below like a failed load, never as a traceback
+    settings, broken = None, e
+configure_logging(settings.log_format if settings else "text", settings.log_level if settings else "INFO",
+                  secret_values())
 # The SDK prints on its own (`Job result: {...}` in --test_input mode holds the presigned URLs, with
 # X-Amz-Credential, -Signature and -Security-Token; --rp_log_level DEBUG prints every output): all of
 # stdout/stderr goes through the same scrubber as our log lines, in every SDK mode.
@@ -36,10 +40,14 @@ scrub_stdio()
 # Progress updates are POSTed to the job-done URL RunPod sets in a worker; without one (--test_input,
 # --rp_serve_api) every update is an ERROR line ("Failed to return job results"), so none are sent.
 PROGRESS = os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") not in (None, "", "JOB_DONE_URL")
-try:
-    service, broken = Service.load(settings), None  # once per worker; preflight runs before any weight is read
-except WorkerBroken as e:
-    service, broken = None, e
+service = None
+if broken is None:
+    try:
+        service = Service.load(settings)  # once per worker; preflight runs before any weight is read
+    except WorkerBroken as e:
+        broken = e
+if broken is not None:  # the one-line refusal; its traceback only at DEBUG
+    report_start_failure(broken, secret_values())
 
 
 @runpod.serverless.register_fitness_check

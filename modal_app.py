@@ -152,24 +152,52 @@ class Worker:
         hold it (GPU snapshots on, or a CPU-only model). Synchronous on purpose: `.local()` skips an
         async enter."""
         from app.config import secret_values
+        from app.errors import WorkerBroken
         from app.logs import configure_logging
 
-        self.settings = Settings.from_env()
+        self.service, self.broken = None, None
+        try:
+            self.settings = Settings.from_env()
+        except WorkerBroken as e:
+            configure_logging("text", "INFO", secret_values())
+            self._refuse(e)
+            return
         configure_logging(self.settings.log_format, self.settings.log_level, secret_values())
-        self.service = None
         self.gpu_snapshot = os.environ.get("MODAL_GPU_SNAPSHOT") == "1"
         from app.service import Service  # imports torch and diffusers: the 14-20 s the snapshot saves
 
         if self.gpu_snapshot or self.settings.device == "cpu":
-            self.service = Service.load(self.settings)
+            self._load(Service)
+
+    def _load(self, service_cls) -> None:
+        from app.errors import WorkerBroken
+
+        try:
+            self.service = service_cls.load(self.settings)
+        except WorkerBroken as e:
+            self._refuse(e)
+
+    def _refuse(self, error: Exception) -> None:
+        """A worker that cannot start (bad setting, preflight, weights): the one-line message, not the
+        traceback Modal prints for an enter that raises; each call then answers the typed error and
+        the container stops taking inputs (`run`)."""
+        from app.config import secret_values
+        from app.logs import report_start_failure
+
+        self.broken = error
+        report_start_failure(error, secret_values())
 
     @modal.enter(snap=False)
     def ready(self) -> None:
         """After restore: without GPU snapshots no GPU is visible before the snapshot, so load here."""
+        if self.broken is not None:
+            return
         if self.service is None:
             from app.service import Service
 
-            self.service = Service.load(self.settings)
+            self._load(Service)
+            if self.broken is not None:
+                return
         elif not modal.is_local() and self.service.cold_start is not None:
             # Loaded before the snapshot: these phases are the snapshot's, not this container's start.
             self.service.cold_start = {**self.service.cold_start, "loaded_before_snapshot": 1.0}
@@ -181,6 +209,10 @@ class Worker:
     @modal.method()
     def run(self, input: dict, webhook: str | None = None) -> dict:
         """Run one job; return the JobResult dict or `{"error": ...}` (never raises)."""
+        if self.broken is not None:  # did not start: the refusal, and a fresh container next
+            if not modal.is_local():
+                modal.experimental.stop_fetching_inputs()
+            return {"error": self.broken.to_dict()}
         job_id = modal.current_function_call_id() or f"local-{uuid.uuid4().hex}"
         _mark(f"started:{job_id}")
         result = self.service.run(input, job_id)

@@ -46,6 +46,14 @@ def strip_query(url: str) -> str:
     return url.split("?", 1)[0]
 
 
+def report_start_failure(error: Exception, secrets: list[str] | None = None) -> None:
+    """A worker that cannot start (a WorkerBroken from settings or load): the one-line message on
+    stderr, where a user reads it; the traceback only in the log at DEBUG."""
+    logger.opt(exception=error).debug("worker did not start")
+    message = getattr(error, "message", None) or str(error)
+    print(f"worker did not start: {redact(message, also=secrets or ())}", file=sys.stderr, flush=True)
+
+
 def configure_logging(fmt: str = "text", level: str = "INFO", secrets: list[str] | None = None, sink=None) -> None:
     """Install the one loguru sink. Call once, from an entrypoint."""
     # JSON lines escape what they carry (non-ASCII, quotes, backslashes): scrub the escaped form too.
