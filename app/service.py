@@ -51,8 +51,9 @@ class Service:
     def __init__(self, pipe, source: ModelSource, settings: Settings, plan: Plan, store: OutputStore,
                  cold_start: dict):
         self.pipe, self.source, self.settings, self.plan, self.store = pipe, source, settings, plan, store
-        # the variant the loaded weights are (FLUX.1-schnell's defaults come from its transformer's config)
-        self.family = source.family if source.tiny else source.family.variant(getattr(pipe, source.family.denoiser).config)
+        # the variant the loaded weights are (FLUX.1-schnell's defaults come from its transformer's config),
+        # with a bake's own defaults (a fused few-step LoRA's steps and guidance)
+        self.family = source.serving_family(getattr(pipe, source.family.denoiser).config)
         self.cold_start = cold_start  # reported with the first result, then dropped
         self.broken = False
         self._s3 = None  # the boto3 client s3:// inputs are read with, made on the first such job

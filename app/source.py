@@ -14,13 +14,16 @@ a bake of an embedded tiny model is still tiny (its tiny defaults: 256x256 in 4 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.errors import WorkerBroken
 from app.families import Family, family_for_pipeline_class, family_for_tiny, family_named
 from weights import manifest as mf
 from weights.errors import WeightsError
+
+
+BAKED_DEFAULTS = ("steps", "guidance")  # the Defaults fields a baked manifest may set
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,14 @@ class ModelSource:
         if self.manifest and self.manifest.get("vram_gib") and not self.tiny:
             table[self.manifest["recipe"]["precision"]] = self.manifest["vram_gib"]
         return table
+
+    def serving_family(self, denoiser_config) -> Family:
+        """The family as the loaded weights serve it: its variant (read from the denoiser's config; the
+        tiny one as built), then a bake's own defaults (`weights bake --steps/--guidance`, e.g. a fused
+        4-step LoRA's), which win over the family's."""
+        fam = self.family if self.tiny else self.family.variant(denoiser_config)
+        baked = {k: v for k, v in ((self.manifest or {}).get("defaults") or {}).items() if k in BAKED_DEFAULTS}
+        return replace(fam, defaults=replace(fam.defaults, **baked)) if baked else fam
 
     def cache_identity(self) -> str:
         """What the weights are, for the compiled-artifact key: kind, where they come from, revision."""

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from weights import lora
+
 
 def _importable() -> list[str]:
     from app.families import FAMILIES
@@ -33,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", choices=("fp8", "int8", "bf16"), default="fp8")
     b.add_argument("--device", choices=("cuda", "cpu"), help="where to quantize (default: cuda if present)")
     b.add_argument("--offline", action="store_true", help="no downloads (HF_HUB_OFFLINE semantics)")
+    lora.add_arguments(b)  # --fuse-lora FILE --lora-scale S --steps N --guidance G
     i = sub.add_parser("import", help="convert a single-file FP8 checkpoint (ComfyUI, compressed-tensors)")
     i.add_argument("src")
     i.add_argument("--family", required=True, choices=_importable(),
@@ -48,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def bake(model: str, out: str, precision: str = "fp8", revision: str | None = None, offline: bool = False,
-         device: str | None = None) -> dict:
-    """Bake MODEL (hub id, diffusers folder, tiny-<family>) into `out`; return the manifest."""
+         device: str | None = None, **fuse) -> dict:
+    """Bake MODEL (hub id, diffusers folder, tiny-<family>) into `out`; return the manifest.
+    `fuse`: weights.lora.bake_extra's options (a LoRA fused first, the bake's own defaults)."""
     from app.loading import source_pipeline
     from app.source import resolve
     from weights import outdir
@@ -58,8 +62,9 @@ def bake(model: str, out: str, precision: str = "fp8", revision: str | None = No
     outdir.check(out)  # before any download or quantization
 
     source = resolve(model, revision, offline)
-    return bake_pipeline(source_pipeline(source), source.family, out, precision,
-                         {"id": source.id, "revision": source.revision}, device)
+    pipe = source_pipeline(source)
+    return bake_pipeline(pipe, source.family, out, precision, {"id": source.id, "revision": source.revision}, device,
+                         lora.bake_extra(pipe, **fuse))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "bake":
-            m = bake(args.model, args.out, args.precision, args.revision, args.offline, args.device)
+            m = bake(args.model, args.out, args.precision, args.revision, args.offline, args.device,
+                     **lora.options(args))
             out = {"out": args.out, "recipe": m["recipe"], "weights_bytes": m["weights_bytes"]}
         elif args.command == "import":
             from app.families import family_named

@@ -50,8 +50,9 @@ def save_components(pipe, denoiser: str, out: Path) -> None:
 
 
 def bake_pipeline(pipe, family: BakeSpec, out: str | Path, precision: str, source: dict,
-                  device: str | None = None) -> dict:
-    """Write a baked directory at `out` from an in-memory pipeline (consumed); return its manifest."""
+                  device: str | None = None, extra: dict | None = None) -> dict:
+    """Write a baked directory at `out` from an in-memory pipeline (consumed); return its manifest.
+    `extra` joins the manifest (a fused LoRA's record, the bake's own defaults)."""
     if precision not in RECIPES:
         raise ValueError(f"unknown precision {precision!r} (one of {', '.join(RECIPES)})")
     outdir.check(out)
@@ -71,4 +72,5 @@ def bake_pipeline(pipe, family: BakeSpec, out: str | Path, precision: str, sourc
             "recipe": {"precision": precision, "fused_qkv": family.fuse_qkv, "config": RECIPES[precision],
                        "skip": list(family.quant_skip), "quantized_layers": len(quantized)},
             "vram_gib": family.vram_gib.get(precision),
+            **(extra or {}),
         })
