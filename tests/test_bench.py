@@ -251,3 +251,9 @@ def test_video_bench_plumbing_on_the_tiny_wan_model(tmp_path, monkeypatch):
     assert res["stock_eager_480p"]["cfg_step_s"] > 0 and res["ours_720p"]["cfg_step_s"] > 0
     assert res["vae_and_mp4_480p"]["mp4_vae_output_bytes"] > 0
     assert res["e2e_4step_480p"]["frames"] == 9 and res["e2e_4step_480p"]["mp4_bytes"] > 0
+    vae = res["vae_and_mp4_480p"]
+    assert vae["untiled"]["decode_s"] > 0 and vae["tiled"]["decode_s"] > 0
+    order = [k for k in res if k in ("ours_480p", "e2e_4step_480p", "stock_eager_480p", "ours_720p")]
+    assert order == ["ours_480p", "e2e_4step_480p", "ours_720p", "stock_eager_480p"]  # the goals' figures first
+    assert set(res["goals"]) == {"cfg_step_480p_s<=4.0", "e2e_4step_480p_s<=14", "peak_480p_GiB<=40"}
+    assert "ours_480p" in res["stock_eager_480p"]["ours_speedup"]
