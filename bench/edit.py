@@ -36,13 +36,9 @@ VARIANTS = {
 
 def build(device="cuda", **config):
     """Qwen-Image's transformer (its published config unless `config` narrows it: the CPU test's)."""
-    from diffusers import QwenImageTransformer2DModel
+    from bench.models import build_qwen_image_transformer
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        t = QwenImageTransformer2DModel(**config).to(torch.bfloat16)
-    reinit(t)
-    return t.eval()
+    return build_qwen_image_transformer(device, **config)
 
 
 def inputs(t, size: int = 1024, text: int = 300, seed: int = 0):

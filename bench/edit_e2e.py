@@ -117,7 +117,7 @@ def plus_pipeline(device: str = "cuda"):
     (diffusers' defaults are the published values), the family's scheduler; tokenizer from the tiny build."""
     from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline
 
-    from bench.edit import build
+    from bench.models import build_qwen_image_transformer as build
 
     tiny = _fam("qwen-image-edit-plus").build_tiny()
     transformer = build(device)
@@ -153,22 +153,27 @@ def load_service(pipe, family, source_id: str, size: int, tiny: bool, **settings
 
 def run_jobs(svc, job: dict, reps: int, tag: str) -> dict:
     """The first run (after warm-up: a new shape compiles here) and the median of `reps` more (0: the first)."""
+    from app.optimize import graphs_compiled
+
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
-    walls, results = [], []
+    walls, results, compiled = [], [], []
     for i in range(reps + 1):
+        before = graphs_compiled()
         timing.sync()
         t0 = time.perf_counter()
         r = svc.run(job, f"{tag}-{i}")
         timing.sync()
         walls.append(time.perf_counter() - t0)
+        compiled.append(graphs_compiled() - before)
         if "error" in r:
             return {"error": str(r["error"])[:400]}
         results.append(r)
     last = results[-1]
     return dict(first_s=round(walls[0], 3), median_s=round(statistics.median(walls[1:] or walls), 3),
                 all_s=[round(w, 3) for w in walls], timings_ms=last["timings"], first_timings_ms=results[0]["timings"],
-                size=f"{last['images'][0]['width']}x{last['images'][0]['height']}", peak_GiB=_peak_gib())
+                size=f"{last['images'][0]['width']}x{last['images'][0]['height']}", peak_GiB=_peak_gib(),
+                new_graphs_compiled=compiled)
 
 
 def edit_jobs(size: int, steps: int) -> dict:
@@ -233,7 +238,6 @@ def kontext_vs_flux(tiny: bool, reps: int = 5) -> dict:
     from app.optimize import Recipe, apply_recipe, choose_recipe
     from preflight import Plan
 
-    cuda = _cuda() and not tiny
     kontext, flux = _fam("flux-kontext"), _fam("flux")
     if tiny:
         kontext, flux = kontext.tiny_variant(), flux.tiny_variant()
