@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ed.add_argument("variants", nargs="*", default=None, help="cfg_step's variants; default: all (see bench/edit.py)")
     ed.add_argument("--sections", default="plus_e2e,kontext_vs_flux,text_encoder_fp8,cfg_step",
                     help="which sections, in this order (bench/edit_e2e.py, bench/edit.py)")
-    ed.add_argument("--budget", type=float, default=470.0, help="seconds after which later sections are skipped")
+    ed.add_argument("--budget", type=float, default=420.0, help="seconds after which later sections are skipped")
     ed.add_argument("--out", default="bench/results")
     ed.add_argument("--tiny", action="store_true", help="the families' tiny random models (CPU plumbing check)")
     vid = sub.add_parser("video", help="Wan 2.1 I2V 14B at 480p/720p, 81 frames: stock vs recipe, VAE, MP4, 4-step e2e")

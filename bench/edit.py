@@ -135,7 +135,7 @@ SECTIONS = ("plus_e2e", "kontext_vs_flux", "text_encoder_fp8", "cfg_step")
 
 
 def main(names=tuple(VARIANTS), out_dir: str = "bench/results", build_fn=None, size: int = 1024, text: int = 300,
-         tiny: bool = False, budget_s: float = 470.0, sections=SECTIONS) -> dict:
+         tiny: bool = False, budget_s: float = 420.0, sections=SECTIONS) -> dict:
     """Each section in its own try; the JSON rewritten after each; a section starting past `budget_s`
     seconds is skipped and says so (the CFG-step variants check the budget between variants too)."""
     from bench import edit_e2e
@@ -144,7 +144,7 @@ def main(names=tuple(VARIANTS), out_dir: str = "bench/results", build_fn=None, s
 
     t_start = time.perf_counter()
     deadline = t_start + budget_s
-    stem = "edit_tiny" if tiny else "edit"
+    stem = "edit_e2e_tiny" if tiny else "edit_e2e"  # edit_<gpu>.json keeps the older CFG-step-only runs
     if tiny:
         names, build_fn, size, text = tuple(TINY_VARIANTS), build_fn or tiny_build, 64, 48
     res = {"versions": versions(), "budget_s": budget_s, "tiny": tiny,

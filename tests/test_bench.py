@@ -211,7 +211,7 @@ def test_edit_bench_every_section_on_the_tiny_models(tmp_path, monkeypatch):
 
     monkeypatch.delenv("OUT", raising=False)
     assert bench_main(["edit", "--tiny", "--out", str(tmp_path)]) == 0
-    (js,) = tmp_path.glob("edit_tiny_*.json")
+    (js,) = tmp_path.glob("edit_e2e_tiny_*.json")
     res = json.loads(js.read_text())
     assert res["versions"]["commit"] and res["versions"]["torch"]
     plus = res["plus_e2e"]["fa3"]
