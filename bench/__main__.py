@@ -3,6 +3,7 @@
 python -m bench coldstart ...   (see bench/coldstart.py)
 python -m bench cost | capped [--tiny]   (price per image by GPU class; FLUX under a 24 GB cap)
 python -m bench video [--steps 3] [--tiny]   (see bench/video.py)
+python -m bench edit [--sections ...] [--budget S] [--tiny]   (see bench/edit.py, bench/edit_e2e.py)
 Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
 
 import argparse
@@ -34,7 +35,12 @@ def main(argv=None) -> int:
     qk = sub.add_parser("quant", help="the FP8 activation quantizer as Inductor fuses it, and app.fused's kernel")
     qk.add_argument("--fused-only", action="store_true", help="only app.fused's kernel against Inductor's fusion")
     ed = sub.add_parser("edit", help="Qwen-Image-Edit CFG step (20B transformer): stock vs recipe variants")
-    ed.add_argument("variants", nargs="*", default=None, help="default: all (see bench/edit.py)")
+    ed.add_argument("variants", nargs="*", default=None, help="cfg_step's variants; default: all (see bench/edit.py)")
+    ed.add_argument("--sections", default="plus_e2e,kontext_vs_flux,text_encoder_fp8,cfg_step",
+                    help="which sections, in this order (bench/edit_e2e.py, bench/edit.py)")
+    ed.add_argument("--budget", type=float, default=420.0, help="seconds after which later sections are skipped")
+    ed.add_argument("--out", default="bench/results")
+    ed.add_argument("--tiny", action="store_true", help="the families' tiny random models (CPU plumbing check)")
     vid = sub.add_parser("video", help="Wan 2.1 I2V 14B at 480p/720p, 81 frames: stock vs recipe, VAE, MP4, 4-step e2e")
     vid.add_argument("--steps", type=int, default=3, help="timed CFG steps per size (after one warm step)")
     vid.add_argument("--budget", type=float, default=520.0,
@@ -92,7 +98,12 @@ def main(argv=None) -> int:
     elif args.cmd == "edit":
         from bench.edit import VARIANTS, main as edit
 
-        edit(tuple(args.variants or VARIANTS))
+        res = edit(tuple(args.variants or VARIANTS), args.out, tiny=args.tiny, budget_s=args.budget,
+                   sections=tuple(args.sections.split(",")))
+        failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
+        if failed:
+            print(f"bench edit: failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
     elif args.cmd == "video":
         from bench.video import main as video
 

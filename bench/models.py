@@ -64,6 +64,18 @@ def build_flux_dev(device: str = "cuda", dtype=torch.bfloat16, guidance_embeds: 
     return pipe
 
 
+def build_qwen_image_transformer(device: str = "cuda", **config):
+    """Qwen-Image(-Edit)'s 20.4B transformer, random (seed 0), bf16: diffusers' defaults are its published
+    config (60 blocks, 24 heads of 128, text 3584) unless `config` narrows it."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        t = QwenImageTransformer2DModel(**config).to(torch.bfloat16)
+    reinit(t)
+    return t.eval()
+
+
 # SDXL base's UNet (2.6 B parameters), as in its published config.json.
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,

@@ -203,26 +203,39 @@ def test_readme_cpu_bench_command_runs_flux_with_the_default_recipe(tmp_path):
     assert res["flux"]["recipe"]["attention"] == "native" and res["flux"]["recipe"]["compile"] == "regional"
 
 
-def test_edit_bench_plumbing_on_a_tiny_qwen_transformer(tmp_path, monkeypatch):
-    """bench edit's variants on a 2-block Qwen-Image transformer on the CPU: every variant runs, FP8 moves
-    the output a little (not zero, not noise), the JSON is written."""
-    from bench import edit
-    from bench.models import reinit
-
-    def tiny():  # larger weights than the full-size build's: at 32 wide, 0.02 leaves the blocks' output
-        t = edit.build("cpu", num_layers=2, attention_head_dim=16, num_attention_heads=2,  # below bf16's
-                       joint_attention_dim=32, axes_dims_rope=(4, 6, 6))  # resolution of the residual
-        reinit(t, 0.3)
-        return t
+def test_edit_bench_every_section_on_the_tiny_models(tmp_path, monkeypatch):
+    """bench edit --tiny on the CPU: every section runs without error and writes its figures: Plus jobs
+    through Service.run (one and two images, CFG at 1 and 3 steps), Kontext vs FLUX per step, the text
+    encoders' FP8 error, the CFG-step variants (FP8 moves the output a little: not zero, not noise)."""
+    from bench.__main__ import main as bench_main
 
     monkeypatch.delenv("OUT", raising=False)
-    monkeypatch.setitem(edit.VARIANTS, "fp8_cpu", dict(quantize="fp8", attention="native", compile="off"))
-    res = edit.main(("fp8_cpu",), str(tmp_path), build_fn=tiny, size=64, text=48)
-    assert "error" not in res["fp8_cpu"], res["fp8_cpu"]
-    assert res["fp8_cpu"]["quantized_linears"] > 0 and 0 < res["fp8_cpu"]["rel_err_vs_stock"] < 0.1
-    assert res["stock_eager"]["cfg_step_s"] > 0
-    (js,) = tmp_path.glob("edit_*.json")
-    assert json.loads(js.read_text())["fp8_cpu"]["rel_err_vs_stock"] == res["fp8_cpu"]["rel_err_vs_stock"]
+    assert bench_main(["edit", "--tiny", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("edit_e2e_tiny_*.json")
+    res = json.loads(js.read_text())
+    assert res["versions"]["commit"] and res["versions"]["torch"]
+    plus = res["plus_e2e"]["fa3"]
+    for job in ("4step_1image", "4step_2images", "cfg_1step", "cfg_3step"):
+        assert plus[job]["median_s"] > 0 and plus[job]["timings_ms"]["total_ms"] > 0, plus[job]
+        assert plus[job]["size"] == "256x256"
+    assert "cfg_step_s" in plus and plus["4step_1image_median_s"] > 0
+    assert "skipped" in res["plus_e2e"]["fa3_fp8"]  # FA3 needs a GPU
+    kv = res["kontext_vs_flux"]
+    assert kv["tokens"]["kontext"] == kv["tokens"]["flux"] and kv["kontext_over_flux"] > 0
+    for enc in ("qwen2_5_vl", "t5_xxl"):
+        te = res["text_encoder_fp8"][enc]
+        assert te["fp8_linears"] > 0 and 0 < te["rel_l2"] < 0.1 and te["weights"] == "random"
+    cfg = res["cfg_step"]
+    assert cfg["fp8_cpu"]["quantized_linears"] > 0 and 0 < cfg["fp8_cpu"]["rel_err_vs_stock"] < 0.1
+    assert cfg["stock_eager"]["cfg_step_s"] > 0
+
+
+def test_edit_bench_budget_skips_later_sections(tmp_path, monkeypatch):
+    from bench import edit
+
+    monkeypatch.delenv("OUT", raising=False)
+    res = edit.main(out_dir=str(tmp_path), tiny=True, budget_s=0, sections=("kontext_vs_flux", "cfg_step"))
+    assert res["kontext_vs_flux"] == {"skipped": "past the 0 s budget"} and "skipped" in res["cfg_step"]
 
 
 def test_warmpath_bench_plumbing_on_the_tiny_flux(tmp_path):
