@@ -246,6 +246,8 @@ def job_phases(service, job: dict) -> dict:
     resident = torch.cuda.memory_allocated()
     try:
         res = service.run(job, "phases")
+    except Exception as e:  # a figure less, not a section lost
+        return _error(e)
     finally:
         for u in undo:
             u()
@@ -664,6 +666,8 @@ def main(argv=None) -> int:
     run = Run(args, torch.cuda.is_available() and not args.tiny)
     for section, fn in SECTIONS.items():
         if run.wants(section):
+            t0 = time.perf_counter()
             fn(run)
+            run.res[section]["section_s"] = round(time.perf_counter() - t0, 1)
     run.save()
     return 1 if run.failed else 0
