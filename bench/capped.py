@@ -422,7 +422,7 @@ def _base_settings(run: Run, size: int, **kw):
     out_dir = tempfile.mkdtemp(prefix="capped-")
     return lambda plan: Settings(output_uri=out_dir, job_timeout_s=3600, shapes=f"{size}x{size}",
                                  compile="regional" if run.cuda else "off", device="cuda" if run.cuda else "cpu",
-                                 memory_plan=plan, **kw)
+                                 memory_plan=plan, warmup=run.cuda, **kw)  # the CPU's run: plumbing only
 
 
 def flux_section(run: Run) -> None:
