@@ -33,9 +33,9 @@ TILE_PX = 512  # VAE tile side under the tiling plan: the VAEs' own sample_size 
 
 def text_encoders(pipe) -> dict:
     """The pipeline's text encoder modules by component name (diffusers names them text_encoder*)."""
-    import torch
+    from weights.text_fp8 import text_encoders as found
 
-    return {n: m for n, m in pipe.components.items() if n.startswith("text_encoder") and isinstance(m, torch.nn.Module)}
+    return found(pipe)
 
 
 def load_device(plan) -> str:

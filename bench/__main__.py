@@ -1,7 +1,7 @@
 """python -m bench latency [--models flux,sdxl] [--compile regional|full] [--attention fa3|cudnn|native]
                          [--out DIR] [--tiny --size 64 --steps 2]   (--tiny: app.tiny's models, e.g. on a CPU)
 python -m bench coldstart ...   (see bench/coldstart.py)
-python -m bench cost | capped [--tiny]   (price per image by GPU class; FLUX under a 24 GB cap)
+python -m bench cost | capped [--tiny]   (price per image by GPU class; FLUX, Qwen-Image-Edit-Plus under a 24 GB cap, INT8)
 python -m bench video [--steps 3] [--tiny]   (see bench/video.py)
 python -m bench edit [--sections ...] [--budget S] [--tiny]   (see bench/edit.py, bench/edit_e2e.py)
 Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     cold.add_argument("--workdir", default="/tmp/coldstart")
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
     sub.add_parser("cost", help="USD per image by GPU class (no GPU needed; see bench/cost.py)", add_help=False)
-    sub.add_parser("capped", help="FLUX under a 23.5 GiB cap through Service (see bench/capped.py)", add_help=False)
+    sub.add_parser("capped", help="FLUX and Qwen-Image-Edit-Plus under a 23.5 GiB cap through Service, INT8 vs bf16 (see bench/capped.py)", add_help=False)
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] in ("cost", "capped"):  # these parse their own arguments

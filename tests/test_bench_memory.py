@@ -1,5 +1,6 @@
 """`python -m bench cost` (no GPU) and `python -m bench capped --tiny` (the capped bench's plumbing on
-the tiny FLUX pipeline; on a CPU nothing caps memory, so its capped run forces offload-text)."""
+the tiny FLUX and Qwen-Image-Edit-Plus pipelines; on a CPU nothing caps memory, so its capped runs force
+offload-text and offload-blocks)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,30 @@ def test_cost_names_a_plan_per_card_and_the_cheapest_class(tmp_path, monkeypatch
     assert res["prices_date"] and "ESTIMATE" in open(bench_cli.__file__.replace("__main__", "cost")).read()
 
 
-def test_capped_tiny_runs_both_plans_through_service(tmp_path, monkeypatch):
+def test_capped_tiny_runs_every_section_through_service(tmp_path, monkeypatch):
+    """FLUX resident vs offload-text, Qwen-Image-Edit-Plus resident vs offload-blocks (on a CPU nothing caps
+    memory, so the capped plans are forced), the FP8 text encoders' error, INT8 vs bf16: all in one run."""
     monkeypatch.delenv("OUT", raising=False)
-    assert bench_cli.main(["capped", "--tiny", "--out", str(tmp_path)]) == 0
+    assert bench_cli.main(["capped", "--tiny", "--steps", "1", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("capped_*.json")
     res = json.loads(path.read_text())
-    assert res["uncapped"]["plan"]["memory"] == "resident" and res["capped"]["plan"]["memory"] == "offload-text"
-    assert res["capped"]["cold_start"]["memory_plan"] == "offload-text"
-    assert all(j["ok"] for j in res["uncapped"]["jobs"] + res["capped"]["jobs"])
-    assert res["capped_over_uncapped"] > 0 and "rtx4090_estimate" not in res  # the estimate is a GPU figure
+    assert list(k for k in res if k in ("flux", "qwen", "int8")) == ["flux", "qwen", "int8"]  # FLUX first
+    flux, qwen = res["flux"], res["qwen"]
+    assert flux["uncapped"]["plan"]["memory"] == "resident" and flux["capped"]["plan"]["memory"] == "offload-text"
+    assert flux["capped"]["cold_start"]["memory_plan"] == "offload-text"
+    assert qwen["uncapped"]["plan"]["memory"] == "resident" and qwen["capped"]["plan"]["memory"] == "offload-blocks"
+    for r in (flux["uncapped"], flux["capped"], qwen["uncapped"], qwen["capped"]):
+        assert r["jobs"] and all(j["ok"] for j in r["jobs"])
+    assert [(j["steps"], j["guidance"]) for j in qwen["capped"]["jobs"]] == [(1, 1.0), (1, 4.0), (2, 4.0)]
+    assert qwen["capped"]["cfg40_estimate_s"] > 0 and qwen["capped_over_uncapped"] > 0
+    assert flux["capped_over_uncapped"] > 0 and "rtx4090_estimate" not in flux  # the estimate is a GPU figure
+    assert all(flux["text_fp8"]["swapped_linears"].values()) and 0 < flux["text_fp8"]["latents_rel_err"] < 0.05
+    assert res["int8"]["int8"]["quantized_linears"] > 0 and 0 < res["int8"]["int8"]["rel_err_vs_bf16"] < 0.05
+    assert res["skipped"] == {}
+
+
+def test_capped_budget_and_skip_leave_sections_out(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    assert bench_cli.main(["capped", "--tiny", "--skip", "flux,qwen,int8", "--out", str(tmp_path)]) == 0
+    res = json.loads(next(tmp_path.glob("capped_*.json")).read_text())
+    assert set(res["skipped"]) == {"flux", "qwen", "int8"} and "flux" not in res

@@ -288,3 +288,38 @@ def test_a_v1_manifest_torchao_layout_is_refused_with_the_fix(copy):
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(IntegrityError, match=r"v1 is not diffusion-worker/baked v2 \(re-bake it"):
         load_baked(copy, CPU)
+
+
+def _fp8_bytes(sd: dict) -> dict:
+    """A state dict with FP8 codes viewed as bytes (torch.equal compares e4m3 codes as numbers)."""
+    return {k: (v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v) for k, v in sd.items()}
+
+
+def test_fp8_text_encoders_bake_and_load_bit_for_bit(tmp_path):
+    """--text-encoders fp8: the encoders' codes stored as e4m3 (a byte a weight), read back through the
+    components' own from_pretrained and swapped back to FP8Linear: the same codes, scales and embeddings
+    as quantizing the source in memory (what TEXT_ENCODERS=fp8 does at start)."""
+    from safetensors import safe_open
+
+    from weights.quantize import quantize_text_encoder
+    from weights.text_fp8 import SCALES, restore
+
+    out = tmp_path / "tiny-fp8-text"
+    m = bake("tiny-flux", out, "fp8", device="cpu", text_encoders="fp8")
+    layers = m["text_encoders"]["layers"]
+    assert m["text_encoders"]["precision"] == "fp8" and set(layers) == {"text_encoder", "text_encoder_2"}
+    assert all(layers.values()) and all(f"{n}/{SCALES}" in m["files"] for n in layers)
+    with safe_open(str(out / "text_encoder_2" / "model.safetensors"), "pt") as f:
+        assert sum(f.get_tensor(k).dtype == torch.float8_e4m3fn for k in f.keys()) == len(layers["text_encoder_2"])
+    pipe = load_baked(out, Target("cpu", torch.bfloat16))
+    ref = FLUX.tiny_variant().build_tiny().to(torch.bfloat16)
+    for name, names in layers.items():
+        assert quantize_text_encoder(getattr(ref, name)) == names
+        assert quantize_text_encoder(getattr(pipe, name)) == []  # already FP8: TEXT_ENCODERS=fp8 changes nothing
+        got, want = (_fp8_bytes(getattr(p, name).state_dict()) for p in (pipe, ref))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    emb = [FLUX.encode(p, "a red fox")["prompt_embeds"] for p in (pipe, ref)]
+    assert torch.equal(*emb)
+    layers["text_encoder"].append("text_model.no_such_layer")
+    with pytest.raises(IntegrityError, match="text_encoder.text_model.no_such_layer is missing"):
+        restore(pipe, out, {"text_encoder": layers["text_encoder"][-1:]})

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help=OUT_HELP)
     b.add_argument("--precision", choices=("fp8", "int8", "bf16"), default="fp8")
     b.add_argument("--device", choices=("cuda", "cpu"), help="where to quantize (default: cuda if present)")
+    b.add_argument("--text-encoders", choices=("bf16", "fp8"), default="bf16",
+                   help="fp8: the text encoders' repeated-layer linears stored FP8 too (what TEXT_ENCODERS=fp8 runs)")
     b.add_argument("--offline", action="store_true", help="no downloads (HF_HUB_OFFLINE semantics)")
     lora.add_arguments(b)  # --fuse-lora FILE --lora-scale S --steps N --guidance G
     i = sub.add_parser("import", help="convert a single-file FP8 checkpoint (ComfyUI, compressed-tensors)")
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def bake(model: str, out: str, precision: str = "fp8", revision: str | None = None, offline: bool = False,
-         device: str | None = None, **fuse) -> dict:
+         device: str | None = None, text_encoders: str = "bf16", **fuse) -> dict:
     """Bake MODEL (hub id, diffusers folder, tiny-<family>) into `out`; return the manifest.
     `fuse`: weights.lora.bake_extra's options (a LoRA fused first, the bake's own defaults)."""
     from app.loading import source_pipeline
@@ -64,7 +66,7 @@ def bake(model: str, out: str, precision: str = "fp8", revision: str | None = No
     source = resolve(model, revision, offline)
     pipe = source_pipeline(source)
     return bake_pipeline(pipe, source.family, out, precision, {"id": source.id, "revision": source.revision}, device,
-                         lora.bake_extra(pipe, **fuse))
+                         lora.bake_extra(pipe, **fuse), text_encoders)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bake":
             m = bake(args.model, args.out, args.precision, args.revision, args.offline, args.device,
-                     **lora.options(args))
+                     args.text_encoders, **lora.options(args))
             out = {"out": args.out, "recipe": m["recipe"], "weights_bytes": m["weights_bytes"]}
         elif args.command == "import":
             from app.families import family_named

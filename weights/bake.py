@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 
 from weights import manifest as mf
-from weights import outdir
+from weights import outdir, text_fp8
 from weights.quantize import quantize_denoiser
 from weights.serialize import write_denoiser
 
@@ -50,11 +50,14 @@ def save_components(pipe, denoiser: str, out: Path) -> None:
 
 
 def bake_pipeline(pipe, family: BakeSpec, out: str | Path, precision: str, source: dict,
-                  device: str | None = None, extra: dict | None = None) -> dict:
+                  device: str | None = None, extra: dict | None = None, text_encoders: str = "bf16") -> dict:
     """Write a baked directory at `out` from an in-memory pipeline (consumed); return its manifest.
-    `extra` joins the manifest (a fused LoRA's record, the bake's own defaults)."""
+    `extra` joins the manifest (a fused LoRA's record, the bake's own defaults). `text_encoders="fp8"`
+    stores the text encoders' repeated-layer linears as FP8 too (weights.text_fp8)."""
     if precision not in RECIPES:
         raise ValueError(f"unknown precision {precision!r} (one of {', '.join(RECIPES)})")
+    if text_encoders not in ("bf16", "fp8"):
+        raise ValueError(f"text encoders are baked fp8 or bf16, not {text_encoders!r}")
     outdir.check(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser = getattr(pipe, family.denoiser).to(device)
@@ -64,7 +67,9 @@ def bake_pipeline(pipe, family: BakeSpec, out: str | Path, precision: str, sourc
         write_denoiser(denoiser, tmp / family.denoiser)
         setattr(pipe, family.denoiser, None)  # free it before the other components are written
         del denoiser
+        encoders = text_fp8.quantize_encoders(pipe) if text_encoders == "fp8" else {}
         save_components(pipe, family.denoiser, tmp)
+        text_fp8.write_scales(pipe, encoders, tmp)
         return mf.write(tmp, {
             "source": source,
             "family": family.name,
@@ -72,5 +77,7 @@ def bake_pipeline(pipe, family: BakeSpec, out: str | Path, precision: str, sourc
             "recipe": {"precision": precision, "fused_qkv": family.fuse_qkv, "config": RECIPES[precision],
                        "skip": list(family.quant_skip), "quantized_layers": len(quantized)},
             "vram_gib": family.vram_gib.get(precision),
+            **({"text_encoders": {"precision": "fp8", "config": RECIPES["fp8"], "layers": encoders}}
+               if encoders else {}),
             **(extra or {}),
         })

@@ -189,6 +189,11 @@ def assemble(root: Path, manifest: dict, target: Target, denoiser):
 
     cls = getattr(diffusers, pipeline_class(root))
     pipe = cls.from_pretrained(str(root), torch_dtype=target.dtype, **{manifest["denoiser"]: denoiser})
+    encoders = manifest.get("text_encoders")
+    if encoders and encoders.get("precision") == "fp8":  # before the move: the GPU sees FP8 only
+        from weights.text_fp8 import restore
+
+        restore(pipe, root, encoders["layers"])
     return pipe.to(target.device)
 
 

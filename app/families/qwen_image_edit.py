@@ -180,6 +180,13 @@ _COMMON = dict(
     negative_prompt=True,
     # 20B transformer 41 GB bf16 / 20.5 GB FP8, Qwen2.5-VL 7B encoder 16.6 GB bf16, VAE and 1 MP activations
     vram_gib={"bf16": 62.0, "fp8": 42.0, "int8": 42.0},
+    # GiB per component (preflight.memory), counted on the published configs: the FP8 transformer is 25.4
+    # (13.6B FP8, the 6.8B modulation parameters bf16: over a 24 GB card, so it streams there), one block
+    # 0.42 (two in flight plus the outer modules: `block`); Qwen2.5-VL 7B 15.45 bf16, 9.17 with its repeated
+    # layers FP8; VAE 0.24. activations and decode: estimates until `python -m bench capped` measures them.
+    memory={p: {"denoiser": den, "text_encoders": 15.45, "text_encoders_fp8": 9.17, "vae": 0.24,
+                "activations": 1.5, "decode": 3.0, "block": blk}
+            for p, den, blk in (("bf16", 38.05, 1.45), ("fp8", 25.4, 0.9), ("int8", 25.4, 0.9))},
     tiny_defaults=Defaults(256, 256, 4, 4.0),
     checkpoint_keys="weights.qwen_image_keys",
     requires_image=True,
