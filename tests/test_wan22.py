@@ -151,3 +151,14 @@ def test_s3_stream_loads_both_experts_as_the_local_load(models, bucket, tmp_path
         assert all(torch.equal(got[k], want[k]) for k in want), name
     # transformer_2's shards came through the checked stream, not as plain downloads into the cache
     assert not list((tmp_path / "cache").rglob("transformer_2/*.safetensors"))
+
+
+def test_recipe_quantizes_both_experts_of_an_unbaked_pipeline():
+    """A hub / folder Wan 2.2 (not baked): the worker's recipe (FP8 here; compile and attention take the
+    same path per expert) reaches transformer_2 too."""
+    from app.optimize import Recipe, apply_recipe
+
+    pipe = FAM.build_tiny_a14b()
+    applied = apply_recipe(pipe, FAM, Recipe(quantize="fp8"))
+    assert {"quantize", "transformer_2.quantize"} <= set(applied)
+    assert fp8_layers(pipe.transformer) == fp8_layers(pipe.transformer_2) > 0
