@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.errors import WorkerBroken
-from app.families import Family, family_for_pipeline_class, family_for_tiny, family_named
+from app.families import Family, family_for_pipeline_class, family_named, tiny_family
 from weights import manifest as mf
 from weights.errors import WeightsError
 
@@ -72,9 +72,9 @@ def resolve(model: str, revision: str | None = None, offline: bool = False, weig
     `s3` makes the S3 client for WEIGHTS_URI (reading its manifest is the only network call here)."""
     if weights_uri:
         return _streamed(weights_uri, s3)
-    fam = family_for_tiny(model)
+    fam = tiny_family(model)
     if fam is not None:
-        return ModelSource("tiny", model, fam.tiny_variant())
+        return ModelSource("tiny", model, fam)
     path = Path(model).expanduser()
     if model.startswith(("/", ".", "~")) and not path.is_dir():  # a path, not a hub id (org/name)
         raise WorkerBroken(f"MODEL={model}: no such folder", field="MODEL")
@@ -89,7 +89,10 @@ def _from_manifest(manifest: dict, field: str) -> tuple[str, Family]:
     """(source id, family) a bake recorded; a bake of `tiny-<family>` serves the tiny variant."""
     source_id = manifest.get("source", {}).get("id") or "?"
     fam = family_named(manifest.get("family", "?"), field=field)
-    return source_id, fam.tiny_variant() if family_for_tiny(source_id) else fam
+    tiny = tiny_family(source_id)
+    if tiny is None:
+        return source_id, fam
+    return source_id, tiny if tiny.name == fam.name else fam.tiny_variant()
 
 
 def _baked(path: str, manifest: dict) -> ModelSource:

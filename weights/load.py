@@ -154,12 +154,18 @@ def local_shards(folder: Path, device: str) -> Iterator[Shard]:
     yield from read_shards([folder / n for n in names], device, [f"{folder.name}/{n}" for n in names])
 
 
-def load_denoiser(root: Path, manifest: dict, target: Target, shards: Iterable[Shard] | None = None
-                  ) -> tuple[torch.nn.Module, LoadTimes]:
-    """(the baked denoiser on target.device, its load times); `shards` defaults to the local files."""
-    folder = Path(root) / manifest["denoiser"]
+def denoisers(manifest: dict) -> list[str]:
+    """The baked denoisers' folder names: the main one, then any further one (Wan 2.2's transformer_2)."""
+    return [manifest["denoiser"], *manifest.get("extra_denoisers", ())]
+
+
+def load_denoiser(root: Path, manifest: dict, target: Target, shards: Iterable[Shard] | None = None,
+                  name: str | None = None) -> tuple[torch.nn.Module, LoadTimes]:
+    """(the baked denoiser `name` (default: the main one) on target.device, its load times); `shards`
+    defaults to the local files."""
+    folder = Path(root) / (name or manifest["denoiser"])
     t0 = time.perf_counter()
-    model = skeleton_of(root, manifest, target.dtype)
+    model = skeleton_of(root, manifest, target.dtype, name)
     t1 = time.perf_counter()
     model = fill(model, shards if shards is not None else local_shards(folder, target.device), target.device)
     if target.device.startswith("cuda"):
@@ -167,11 +173,12 @@ def load_denoiser(root: Path, manifest: dict, target: Target, shards: Iterable[S
     return model, LoadTimes(round(t1 - t0, 2), round(time.perf_counter() - t1, 2))
 
 
-def skeleton_of(root: Path, manifest: dict, dtype: torch.dtype):
-    """The meta skeleton for the baked denoiser under `root`, quantized as its manifest records."""
+def skeleton_of(root: Path, manifest: dict, dtype: torch.dtype, name: str | None = None):
+    """The meta skeleton for the baked denoiser `name` under `root`, quantized as its manifest records
+    (every denoiser of a bake shares its recipe and skip list)."""
     recipe = manifest["recipe"]
-    return skeleton(Path(root) / manifest["denoiser"], recipe["precision"], skip_patterns(recipe.get("skip", ())),
-                    dtype, recipe.get("fused_qkv", True))
+    return skeleton(Path(root) / (name or manifest["denoiser"]), recipe["precision"],
+                    skip_patterns(recipe.get("skip", ())), dtype, recipe.get("fused_qkv", True))
 
 
 def pipeline_class(root: Path) -> str:
@@ -183,12 +190,13 @@ def pipeline_class(root: Path) -> str:
         raise IntegrityError(f"{index}: missing or without _class_name") from None
 
 
-def assemble(root: Path, manifest: dict, target: Target, denoiser):
-    """The full pipeline: the given denoiser plus every other component read from `root`."""
+def assemble(root: Path, manifest: dict, target: Target, loaded: dict):
+    """The full pipeline: the given denoisers ({folder name: module}) plus every other component read
+    from `root`."""
     import diffusers
 
     cls = getattr(diffusers, pipeline_class(root))
-    pipe = cls.from_pretrained(str(root), torch_dtype=target.dtype, **{manifest["denoiser"]: denoiser})
+    pipe = cls.from_pretrained(str(root), torch_dtype=target.dtype, **loaded)
     encoders = manifest.get("text_encoders")
     if encoders and encoders.get("precision") == "fp8":  # before the move: the GPU sees FP8 only
         from weights.text_fp8 import restore
@@ -202,8 +210,9 @@ def log_times(what: str, nbytes: int, times: LoadTimes) -> None:
                 nbytes / 1e9, times.tensors_s, nbytes / 1e9 / max(times.tensors_s, 1e-3))
 
 
-def denoiser_bytes(manifest: dict) -> int:
-    return sum(i["size"] for n, i in manifest["files"].items() if n.startswith(manifest["denoiser"] + "/"))
+def denoiser_bytes(manifest: dict, name: str | None = None) -> int:
+    prefix = (name or manifest["denoiser"]) + "/"
+    return sum(i["size"] for n, i in manifest["files"].items() if n.startswith(prefix))
 
 
 def load_baked(path: str | Path, target: Target, manifest: dict | None = None):
@@ -216,10 +225,12 @@ def load_baked(path: str | Path, target: Target, manifest: dict | None = None):
     mf.check_sizes(root, manifest)
     # Read after the skeleton, not during it: a reader thread beside the diffusers import made the
     # phase slower (14.7 s against 12.0 s, bench/results/coldstart_h200_prefetch.json).
-    denoiser, times = load_denoiser(root, manifest, target)
-    log_times("baked denoiser", denoiser_bytes(manifest), times)
+    loaded = {}
+    for name in denoisers(manifest):
+        loaded[name], times = load_denoiser(root, manifest, target, name=name)
+        log_times(f"baked {name}", denoiser_bytes(manifest, name), times)
     t0 = time.perf_counter()
-    pipe = assemble(root, manifest, target, denoiser)
+    pipe = assemble(root, manifest, target, loaded)
     logger.info("other components (text encoders, VAE) in {:.2f} s", time.perf_counter() - t0)
     return pipe
 

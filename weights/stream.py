@@ -32,7 +32,7 @@ from typing import Callable
 
 from weights import manifest as mf
 from weights.errors import IntegrityError
-from weights.load import Target, assemble, check_target, denoiser_bytes, load_denoiser, log_times
+from weights.load import Target, assemble, check_target, denoiser_bytes, denoisers, load_denoiser, log_times
 from weights.reader import ShardReader, head_size
 
 WORKERS = 16  # parallel ranged GETs; S3 serves ~100 MB/s per connection
@@ -157,8 +157,10 @@ def stream_baked(client, bucket: str, prefix: str, manifest: dict, target: Targe
     with `read_manifest`); every byte hash-checked. `client` is a boto3 S3 client with WORKERS connections."""
     uri = f"s3://{bucket}/{prefix}".rstrip("/")
     check_target(manifest, target)
-    den = manifest["denoiser"] + "/"
-    shards = sorted(n for n in manifest["files"] if n.startswith(den) and n.endswith(".safetensors"))
+    names = denoisers(manifest)  # Wan 2.2 A14B: both experts streamed straight to the device
+    by_name = {d: sorted(n for n in manifest["files"] if n.startswith(d + "/") and n.endswith(".safetensors"))
+               for d in names}
+    shards = [n for d in names for n in by_name[d]]
     root = cache_root(cache_dir, uri)
     with ThreadPoolExecutor(WORKERS) as pool:
         fetcher = Fetcher(client, bucket, prefix, manifest, pool, describe)
@@ -166,6 +168,9 @@ def stream_baked(client, bucket: str, prefix: str, manifest: dict, target: Targe
         with ShardReader("cpu", threads=WORKERS, chunk=fetcher.chunk) as files:
             for name in (n for n in manifest["files"] if n not in shards):
                 fetcher.download(name, root / name, files)
-        denoiser, times = load_denoiser(root, manifest, target, stream_shards(fetcher, shards, target.device))
-        log_times(f"streamed denoiser from {uri}", denoiser_bytes(manifest), times)
-    return assemble(root, manifest, target, denoiser)
+        loaded = {}
+        for d in names:
+            loaded[d], times = load_denoiser(root, manifest, target, stream_shards(fetcher, by_name[d], target.device),
+                                             name=d)
+            log_times(f"streamed {d} from {uri}", denoiser_bytes(manifest, d), times)
+    return assemble(root, manifest, target, loaded)

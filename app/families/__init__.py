@@ -50,15 +50,33 @@ def family_named(name: str, field: str = "MODEL") -> Family:
 
 
 def family_for_tiny(model: str) -> Family | None:
-    """`tiny-flux` -> the flux family (to build its tiny model), anything not `tiny-*` -> None."""
+    """`tiny-flux` -> the flux family (to build its tiny model), `tiny-wan-i2v-a14b` -> wan-i2v (a family's
+    `tiny_models`), anything not `tiny-*` -> None."""
+    found = _embedded(model)
+    return found[0] if found else None
+
+
+def tiny_family(model: str) -> Family | None:
+    """The tiny variant MODEL=`model` serves (and builds), or None when it is not `tiny-*`."""
+    found = _embedded(model)
+    if not found:
+        return None
+    fam, variant = found
+    return fam.tiny_variant(variant) if variant else fam.tiny_variant()
+
+
+def _embedded(model: str) -> tuple[Family, str] | None:
     if not model.startswith(TINY_PREFIX):
         return None
     name = model.removeprefix(TINY_PREFIX)
-    if name not in FAMILIES:
-        names = ", ".join(TINY_PREFIX + n for n in sorted(FAMILIES))
+    embedded = {fam.name: (fam, "") for fam in FAMILIES.values()}
+    embedded.update({f"{fam.name}-{m}": (fam, m) for fam in FAMILIES.values() for m in fam.tiny_models})
+    if name not in embedded:
+        names = ", ".join(TINY_PREFIX + n for n in sorted(embedded))
         raise WorkerBroken(f"unknown embedded model {model!r} (use {names})", field="MODEL")
-    return FAMILIES[name]
+    return embedded[name]
 
 
 __all__ = ["Defaults", "Family", "FAMILIES", "family_for_pipeline_class", "family_for_tiny",
+           "tiny_family",
            "family_named"]

@@ -81,6 +81,10 @@ class Family:
     tiny_defaults: Defaults | None = None
     checkpoint_keys: str | None = None  # the module mapping published single-file key names (weights import)
     tiny: bool = False  # this is the embedded tiny variant
+    # Further embedded tiny models, MODEL=tiny-<name>-<suffix> (wan-i2v: "a14b", Wan 2.2's two experts);
+    # `tiny_model` is the suffix the tiny variant builds ("" for tiny-<name>)
+    tiny_models: tuple[str, ...] = ()
+    tiny_model: str = ""
     # Input images. max_images 0: the family takes none (a job with one is refused naming the field),
     # unless img2img_class names the diffusers pipeline that runs image-to-image on the loaded weights
     # (built with from_pipe: the same modules, no second copy); then a job sending one image runs it.
@@ -113,11 +117,12 @@ class Family:
         """This family as the loaded model's config says (the base: no variants)."""
         return self
 
-    def tiny_variant(self) -> "Family":
-        """The embedded tiny model's variant: its own defaults, one warm-up bucket, almost no VRAM."""
+    def tiny_variant(self, model: str = "") -> "Family":
+        """The embedded tiny model's variant (`model`: one of `tiny_models`, or "" for tiny-<name>): its own
+        defaults, one warm-up bucket, almost no VRAM."""
         d = self.tiny_defaults or self.defaults
         return replace(self, defaults=d, shapes=((d.width, d.height),), vram_gib={"bf16": 0.5}, memory={},
-                       tiny=True)
+                       tiny=True, tiny_model=model)
 
     def build_tiny(self):
         """The embedded tiny random pipeline (real classes, narrow and shallow): a family module's own."""

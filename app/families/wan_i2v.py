@@ -52,9 +52,9 @@ class WanI2V(Family):
     def task(self, with_inputs: bool) -> str:
         return "i2v"
 
-    def tiny_variant(self) -> Family:
+    def tiny_variant(self, model: str = "") -> Family:
         """64x64, 9 frames, 2 steps: the real pipeline in well under a second on a CPU."""
-        tiny = super().tiny_variant()
+        tiny = super().tiny_variant(model)
         return replace(tiny, min_side=32, max_side=128, max_pixels=128 * 128, max_frames=17)
 
     def output_size(self, job: Job, images: list) -> tuple[int, int]:
@@ -71,36 +71,15 @@ class WanI2V(Family):
 
     def build_tiny(self):
         """WanImageToVideoPipeline with a 2-block transformer (CLIP image tokens: Wan 2.1 I2V), a 1-level
-        causal 3D VAE, a 2-layer UMT5 and a 2-layer CLIP vision tower at 32x32."""
-        import diffusers
-        import torch
-        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, \
-            UMT5EncoderModel
+        causal 3D VAE, a 2-layer UMT5 and a 2-layer CLIP vision tower at 32x32 (MODEL=tiny-wan-i2v);
+        MODEL=tiny-wan-i2v-a14b builds `build_tiny_a14b`."""
+        return self.build_tiny_a14b() if self.tiny_model == "a14b" else _tiny_pipeline(experts=1)
 
-        from app.tiny import eval_mode, tokenizer
-
-        torch.manual_seed(0)
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                                   num_heads=4, relative_attention_num_buckets=8,
-                                                   feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-                                                   pad_token_id=0))
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            intermediate_size=16, patch_size=8))
-        image_processor = CLIPImageProcessor(crop_size=32, size=32)
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
-            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,  # widths of 16k: FP8-able
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=16, added_kv_proj_dim=32,
-        )
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
-        return eval_mode(getattr(diffusers, self.pipeline_class)(
-            tokenizer=tokenizer(PROMPT_TOKENS), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-            image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
-        ))
+    def build_tiny_a14b(self):
+        """Wan 2.2 I2V A14B's shape, tiny: two 2-block experts without image tokens (`transformer` for
+        the high-noise steps, `transformer_2` below boundary_ratio 0.9, as the published model_index),
+        no CLIP tower; the same VAE and UMT5 as `build_tiny`."""
+        return _tiny_pipeline(experts=2)
 
     # -- jobs ----------------------------------------------------------------------------------------
     def call_kwargs(self, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> dict:
@@ -189,6 +168,43 @@ class WanI2V(Family):
         return out
 
 
+def _tiny_pipeline(experts: int):
+    """The tiny random pipeline: Wan 2.1 I2V (one transformer with CLIP image K/V) or Wan 2.2 A14B (two)."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, \
+        UMT5EncoderModel
+
+    from app.tiny import eval_mode, tokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8,
+                                               feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+                                               pad_token_id=0))
+    image = dict(image_dim=16, added_kv_proj_dim=32) if experts == 1 else dict(image_dim=None)
+
+    def transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,  # widths of 16k: FP8-able
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **image)
+
+    parts = dict(tokenizer=tokenizer(PROMPT_TOKENS), text_encoder=text_encoder, vae=vae,
+                 scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    if experts == 1:  # built before the transformer, as the random draws have always been ordered
+        parts.update(image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            intermediate_size=16, patch_size=8)), image_processor=CLIPImageProcessor(crop_size=32, size=32),
+            transformer=transformer())
+    else:
+        parts.update(transformer=transformer(), transformer_2=transformer(), boundary_ratio=0.9)
+    return eval_mode(getattr(diffusers, FAMILY.pipeline_class)(**parts))
+
+
 def clean_prompt(text: str) -> str:
     """Wan's prompt_clean without ftfy: HTML entities decoded (twice, as Wan does), whitespace collapsed."""
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
@@ -241,5 +257,6 @@ FAMILY = WanI2V(
     max_frames=81,
     output_formats=("mp4", "webp"),
     extra_denoisers=("transformer_2",),  # Wan 2.2 A14B's low-noise expert
+    tiny_models=("a14b",),  # MODEL=tiny-wan-i2v-a14b: Wan 2.2's two experts, tiny
     job_timeout_s=1800.0,  # 40 CFG steps at 720P run ~15 min on an H200 (480P: ~3 min)
 )
