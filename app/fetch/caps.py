@@ -14,7 +14,7 @@ MIME_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "im
 # Object stores and plain file servers often label images generically; the bytes decide then.
 GENERIC_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})
 
-CHUNK = 64 * 1024  # bytes per read while streaming
+READ_CHUNK_BYTES = 64 * 1024  # bytes per read while streaming
 
 
 def read_timeout(limits: FetchLimits, deadline: float) -> float:

@@ -15,7 +15,7 @@ import time
 from urllib.parse import urljoin
 
 from app.errors import InvalidInput, JobFailed
-from app.fetch.caps import CHUNK, MIME_TYPES, check_type, read_capped, read_timeout
+from app.fetch.caps import READ_CHUNK_BYTES, MIME_TYPES, check_type, read_capped, read_timeout
 from app.fetch.guard import target
 from app.fetch.policy import FetchLimits, describe
 
@@ -105,7 +105,7 @@ def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: 
         if length and length.isdigit() and int(length) > limits.max_bytes:
             raise InvalidInput(f"{field}: image is {int(length)} bytes, over the {limits.max_bytes} byte limit",
                                field=field)
-        return read_capped(lambda: resp.read1(CHUNK), conn, limits, field, deadline), None
+        return read_capped(lambda: resp.read1(READ_CHUNK_BYTES), conn, limits, field, deadline), None
     except (socket.timeout, TimeoutError):
         if fired.is_set():
             raise JobFailed(f"{field}: fetching {where} took longer than {limits.deadline_s:g} s", field=field) from None
@@ -153,7 +153,7 @@ def post_json(url: str, payload: bytes, limits: FetchLimits = FetchLimits(), fie
             "User-Agent": "diffusion-worker", "Content-Type": "application/json", "Accept-Encoding": "identity"})
         conn.sock.settimeout(read_timeout(limits, deadline))
         resp = conn.getresponse()
-        resp.read(CHUNK)
+        resp.read(READ_CHUNK_BYTES)
         return resp.status
     except (socket.timeout, TimeoutError):
         if fired.is_set():

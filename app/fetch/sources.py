@@ -8,7 +8,7 @@ import socket
 from urllib.parse import urlsplit
 
 from app.errors import InvalidInput, JobFailed
-from app.fetch.caps import CHUNK, check_type, read_capped
+from app.fetch.caps import READ_CHUNK_BYTES, check_type, read_capped
 from app.fetch.policy import FetchLimits
 
 
@@ -47,7 +47,7 @@ def fetch_s3(ref: str, limits: FetchLimits, field: str, deadline: float) -> byte
         # The Range caps what the store sends even if the object grew since the HEAD.
         body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limits.max_bytes}")["Body"]
         try:
-            return read_capped(lambda: body.read(CHUNK), None, limits, field, deadline)
+            return read_capped(lambda: body.read(READ_CHUNK_BYTES), None, limits, field, deadline)
         finally:
             body.close()
     except (InvalidInput, JobFailed):
