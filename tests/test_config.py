@@ -129,8 +129,11 @@ def test_app_run_prints_a_refusal_not_a_traceback(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "SHAPES", "PRECISION")}
-    for var in ({"PRECISION": "fp9"}, {"MODEL": str(tmp_path / "missing")}, {"SHAPES": "0x0"}):
-        done = subprocess.run([sys.executable, "-m", "app", "run", '{"prompt": "a"}'], env=env | var,
-                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
-        assert "worker did not start" in done.stderr and next(iter(var)) in done.stderr
+    variables = ({"PRECISION": "fp9"}, {"MODEL": str(tmp_path / "missing")}, {"SHAPES": "0x0"})
+    procs = [subprocess.Popen([sys.executable, "-m", "app", "run", '{"prompt": "a"}'], env=env | var, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+             for var in variables]  # concurrently: each spends its seconds importing torch
+    for var, proc in zip(variables, procs):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-1500:]
+        assert "worker did not start" in stderr and next(iter(var)) in stderr

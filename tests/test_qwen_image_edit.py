@@ -36,8 +36,18 @@ def edit_pipe():
 
 
 @pytest.fixture(scope="module")
-def plus_pipe():
-    return _quiet(TINY_PLUS.build_tiny())
+def plus_service(tmp_path_factory):
+    """One tiny Plus worker for the module: its pipeline serves the direct calls and the try-on job."""
+    from app.service import Service
+
+    return Service.load(Settings(model="tiny-qwen-image-edit-plus", output_uri=str(tmp_path_factory.mktemp("try-on")),
+                                 preflight=False, device="cpu", warmup=False))
+
+
+@pytest.fixture(scope="module")
+def plus_pipe(plus_service):
+    assert type(plus_service.pipe).__name__ == "QwenImageEditPlusPipeline"
+    return plus_service.pipe
 
 
 def _quiet(pipe):
@@ -192,13 +202,10 @@ def _data_uri(im) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def test_try_on_recipe_runs_through_the_service(tmp_path):
+def test_try_on_recipe_runs_through_the_service(plus_service):
     """The README's try-on recipe: the person first (the output takes its aspect ratio), the garment
     second, and a prompt saying what to do."""
-    from app.service import Service
-
-    svc = Service.load(Settings(model="tiny-qwen-image-edit-plus", output_uri=str(tmp_path), preflight=False,
-                                device="cpu", warmup=False))
+    svc = plus_service
     job = {"prompt": "the person in picture 1 wears the shirt of picture 2, same pose, same background",
            "images": [_data_uri(person()), _data_uri(garment())], "guidance_scale": 1.0, "seed": 5}
     result = svc.run(job, "try-on-1")

@@ -36,6 +36,7 @@ def test_runpod_worker_loop_serves_jobs_submitted_by_the_client(s3_env, bucket, 
     with RunPodStandIn("ep-test", API_KEY, worker_key="rp-worker-key-abcdef") as rp:
         env = {
             "PATH": os.environ["PATH"], "HOME": str(tmp_path),  # no ~/.runpod credentials picked up
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # as the suite runs torch (conftest)
             **s3_env, **rp.worker_env("worker-1"),
             "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true", "RUNPOD_SKIP_GPU_CHECK": "true",  # no GPU, no internet
             "MODEL": "tiny-flux", "PREFLIGHT": "0", "DEVICE": "cpu",

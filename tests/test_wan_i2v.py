@@ -34,7 +34,9 @@ def wan_service(tmp_path_factory):
     from app.service import Service
 
     out = tmp_path_factory.mktemp("outputs-wan")
-    return Service.load(Settings(model="tiny-wan-i2v", output_uri=str(out), preflight=False, device="cpu"))
+    # No warm-up pass: the jobs below run the same call (a warmed service is tested on flux and sdxl).
+    return Service.load(Settings(model="tiny-wan-i2v", output_uri=str(out), preflight=False, device="cpu",
+                                 warmup=False))
 
 
 @pytest.mark.parametrize("raw, field", [
@@ -85,8 +87,9 @@ def test_size_follows_the_image_aspect_within_the_default_area():
     assert full.output_size(job, [synthetic_image(800, 800)]) == (624, 624)
 
 
-def test_skip_list_patterns_each_match_linears_and_only_embedders_and_head():
-    den = FAM.build_tiny().transformer
+def test_skip_list_patterns_each_match_linears_and_only_embedders_and_head(wan_service):
+    den = wan_service.pipe.transformer  # the tiny build as loaded (no recipe on the CPU)
+    assert type(den).__name__ == "WanTransformer3DModel"
     linears = [n for n, m in den.named_modules() if isinstance(m, torch.nn.Linear)]
     for p in FAM.quant_skip:
         assert any(re.fullmatch(p, n) for n in linears), p
@@ -96,7 +99,7 @@ def test_skip_list_patterns_each_match_linears_and_only_embedders_and_head():
     assert any(".image_embedder." in n for n in kept)
 
 
-def test_prompt_embeddings_match_the_pipelines_own(monkeypatch):
+def test_prompt_embeddings_match_the_pipelines_own(wan_service, monkeypatch):
     """The family encodes prompts itself (diffusers' Wan pipeline needs ftfy, which the image lacks):
     with ftfy stood in by identity (not installed here), the pipeline's encode_prompt gives the same."""
     import types
@@ -104,7 +107,7 @@ def test_prompt_embeddings_match_the_pipelines_own(monkeypatch):
     import diffusers.pipelines.wan.pipeline_wan_i2v as mod
 
     monkeypatch.setattr(mod, "ftfy", types.SimpleNamespace(fix_text=lambda s: s), raising=False)
-    pipe = FAM.build_tiny()
+    pipe = wan_service.pipe
     prompt, neg = "a  red sneaker &amp; a cat", "blurry"
     with torch.inference_mode():
         pe, ne = pipe.encode_prompt(prompt, neg, max_sequence_length=512, device=torch.device("cpu"))

@@ -377,3 +377,66 @@ def test_other_float8_dtypes_are_decoded_then_requantized(tmp_path, source, dtyp
     deq = layer.weight.float() * layer.weight_scale
     assert deq.abs().max() < 3  # codes used as numbers would reach 240..57344
     assert ((deq - ref["w"]).abs() <= ref["w"].abs() * 2 ** -4 + layer.weight_scale * 2 ** -9).all()
+
+
+# ---- memory: the source is converted a piece at a time, never a layer (or the file) at once ----
+
+@pytest.mark.parametrize("case", ["ct-tensor", "ct-channel", "comfyui", "e5m2-scaled", "e5m2-plain"])
+def test_import_holds_one_piece_of_the_source_at_a_time(tmp_path, source, monkeypatch, case):
+    """Peak host memory follows the pieces, not the file: with pieces of 64 elements, every tensor read
+    from the source during conversion and every re-quantization is at most one piece (a row when a row
+    is longer), and the source weights alive at once are at most two pieces."""
+    import weakref
+
+    import weights.checkpoint as checkpoint
+    import weights.convert as convert
+
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 64)
+    reads, live, requantized = [], {"now": 0, "peak": 0}, []
+    real_read, real_quantize = checkpoint.CheckpointFile.read, convert.quantize_rows
+
+    def release(n):
+        live["now"] -= n
+
+    def read(self, key, lo=0, hi=None):
+        t = real_read(self, key, lo, hi)
+        n = t.numel() * t.element_size()
+        reads.append((key, n, max(64, t[0].numel() if t.dim() else 1) * t.element_size()))
+        if key.endswith("scale"):  # kept for the whole import: one number per row, not the weights
+            return t
+        live["now"] += n
+        live["peak"] = max(live["peak"], live["now"])
+        weakref.finalize(t, release, n)
+        return t
+
+    def quantize(w):
+        requantized.append((w.numel(), max(64, w[0].numel())))
+        return real_quantize(w)
+
+    def e5m2(t, m, plain=case == "e5m2-plain"):
+        for k in [k for k in t if k.endswith("weight_scale")]:
+            layer = k.removesuffix("_scale")
+            w = t[layer].float() * t.pop(k)
+            s = torch.ones(1) if plain else w.abs().amax().reshape(1) / 57344.0
+            t[layer] = (w / s).to(torch.float8_e5m2)
+            if not plain:
+                t[k] = s
+
+    monkeypatch.setattr(checkpoint.CheckpointFile, "read", read)
+    monkeypatch.setattr(convert, "quantize_rows", quantize)
+    manifest, out, _ = _import(tmp_path, "ct-tensor" if case.startswith("e5m2") else case, source,
+                               edit=e5m2 if case.startswith("e5m2") else None)
+    assert manifest["recipe"]["quantized_layers"] > 0 and reads
+    if case.startswith("e5m2"):
+        assert manifest["recipe"]["requantized_per_row"] == manifest["recipe"]["quantized_layers"]
+        assert len(requantized) > manifest["recipe"]["quantized_layers"]  # more pieces than layers
+    for n, piece in requantized:
+        assert n <= piece, (n, piece)
+    conversion = [r for r in reads if not r[0].endswith("scale")]
+    assert all(n <= piece for _, n, piece in conversion), max(conversion, key=lambda r: r[1] - r[2])
+    largest_piece = max(piece for _, _, piece in conversion)
+    with checkpoint.CheckpointFile(next(tmp_path.glob("*.safetensors"))) as ckpt:
+        largest_layer = max(t.rows * t.row_bytes for t in ckpt.tensors.values())
+    assert largest_layer >= 4 * largest_piece  # the pieces are really smaller than a layer here
+    # the piece being converted and the one being written; far under the 1.5 layers allowed
+    assert live["peak"] <= min(2 * largest_piece, 1.5 * largest_layer), (live["peak"], largest_piece, largest_layer)
