@@ -21,6 +21,9 @@ Sections, in this order (the JSON is rewritten after each, so a run cut short ke
                 host memory (what a baked FP8 load gives a 24 GB card). Jobs: the 4-step setting (no CFG)
                 warm and measured, then 1 and 3 steps with true CFG 4: their difference is the CFG step,
                 from which the model card's 40-step job is extrapolated (`cfg40_estimate_s`).
+  modfp8        the FLUX.1-dev transformer alone, eager: bf16, the FP8 recipe, then its modulation linears
+                (kept bf16 by the skip list: 6 GiB of the FP8 denoiser's 14.2) in FP8 too: weight GiB, forward
+                time, error against bf16 (the lever left for a resident FLUX under 22 GiB).
   int8          the FLUX.1-dev transformer alone, bf16 vs torchao INT8 dynamic (what Ampere gets), both
                 fused and regionally compiled, SDPA attention: forward time, peak, relative error, and
                 the GEMM kernels the profiler saw (`int8_kernels`: torchao's path really ran).
@@ -49,7 +52,7 @@ GIB = 2**30
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
 EDIT_PROMPT = "make it a rainy night, keep the lighthouse"
 # Seconds a section takes on an H200 (the runs of 2026-12-02, rounded up): skipped when less is left.
-SECTION_S = {"flux": 260, "qwen": 200, "int8": 90}
+SECTION_S = {"flux": 260, "qwen": 200, "modfp8": 45, "int8": 90}
 # The text encoders run FP8 (TEXT_ENCODERS=fp8) only where the denoised latents they lead to stay within
 # this relative L2 distance of the bf16 encoders' (the FP8 denoiser's own distance is of this order).
 TEXT_FP8_BOUND = 0.05
@@ -645,7 +648,67 @@ def int8_section(run: Run) -> None:
     run.save()
 
 
-SECTIONS = {"flux": flux_section, "qwen": qwen_section, "int8": int8_section}
+# FLUX's modulation linears (every block's AdaLN projection): 3.2B of the 11.9B parameters, kept bf16 by the
+# family's skip list, so 6 GiB of its 14.2 GiB FP8 denoiser.
+MODULATION = (r".*norm1(_context)?\.linear", r"single_transformer_blocks\.\d+\.norm\.linear")
+
+
+def _bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def modfp8_section(run: Run) -> None:
+    """The FLUX denoiser alone, eager: bf16, the FP8 recipe (skip list kept), then its modulation linears
+    FP8 too: weight GiB, forward time and relative error of one forward against bf16's (random weights)."""
+    import re
+    import types
+
+    import torch
+
+    from app.families import FAMILIES
+    from weights.fp8 import swap_linears
+    from weights.quantize import fuse_qkv, quantize_denoiser, skip_patterns
+
+    family = FAMILIES["flux"] if run.cuda else FAMILIES["flux"].tiny_variant()
+    size = run.args.size or (1024 if run.cuda else 256)
+    res = run.res["modfp8"] = {"size": size, "compile": "off", "modulation": list(MODULATION)}
+    try:
+        if run.cuda:
+            from bench.models import build_flux_transformer
+
+            t = build_flux_transformer("cuda")
+            holder = types.SimpleNamespace(transformer=t, vae_scale_factor=8)
+        else:
+            holder = family.build_tiny()
+            t = holder.transformer
+        fuse_qkv(t)
+        kw = family.denoiser_inputs(holder, size, size)
+        reps = 3 if run.cuda else 1
+        with torch.inference_mode():
+            ref = t(**kw)[0].float()
+        res["bf16"] = {"weights_bytes": _bytes(t), "weights_GiB": _gib(_bytes(t)),
+                       "forward_s": _forward_s(t, kw, reps)}
+        quantize_denoiser(t, "fp8", family.skips, fuse=True)
+        with torch.inference_mode():
+            fp8 = t(**kw)[0].float()
+        res["fp8_recipe"] = {"weights_bytes": _bytes(t), "weights_GiB": _gib(_bytes(t)),
+                             "forward_s": _forward_s(t, kw, reps), "rel_err_vs_bf16": _rel(fp8, ref)}
+        mod = [re.compile(p) for p in MODULATION]
+        swapped = swap_linears(t, keep=lambda n: not any(p.fullmatch(n) for p in mod))
+        with torch.inference_mode():
+            out = t(**kw)[0].float()
+        res["fp8_modulation_too"] = {"swapped": len(swapped), "weights_bytes": _bytes(t),
+                                     "weights_GiB": _gib(_bytes(t)), "forward_s": _forward_s(t, kw, reps), "rel_err_vs_bf16": _rel(out, ref),
+                                     "rel_err_vs_fp8_recipe": _rel(out, fp8)}
+        del t, holder, kw
+    except Exception as e:
+        res.update(_error(e))
+        run.failed = True
+    _reset()
+    run.save()
+
+
+SECTIONS = {"flux": flux_section, "qwen": qwen_section, "modfp8": modfp8_section, "int8": int8_section}
 
 
 def main(argv=None) -> int:
@@ -656,7 +719,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="FLUX steps, default 28 (tiny: 2)")
     ap.add_argument("--budget", type=float, default=540.0,
                     help="seconds: a later section that would not fit in what is left is skipped (GPU only)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to leave out: flux,qwen,int8")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out: flux,qwen,modfp8,int8")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
