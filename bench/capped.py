@@ -380,7 +380,8 @@ class Run:
             self.res["skipped"][section] = "--skip"
             return False
         if self.cuda and self.left() < SECTION_S[section]:
-            self.res["skipped"][section] = f"budget: {self.left():.0f} s left, the section takes about {SECTION_S[section]}"
+            self.res["skipped"][section] = (f"budget: {self.left():.0f} s left, the section takes about "
+                                            f"{SECTION_S[section]}")
             return False
         return True
 
@@ -472,7 +473,8 @@ def flux_section(run: Run) -> None:
             from app.families import FAMILIES
 
             table = FAMILIES["flux"].memory_table()["fp8"]
-            res["rtx4090_estimate"] = estimate_4090(up["total_ms"] / 1000, res["capped"]["plan"]["memory"], table, steps)
+            plan = res["capped"]["plan"]["memory"]
+            res["rtx4090_estimate"] = estimate_4090(up["total_ms"] / 1000, plan, table, steps)
     else:
         run.failed = True
     run.save()
@@ -698,8 +700,8 @@ def modfp8_section(run: Run) -> None:
         with torch.inference_mode():
             out = t(**kw)[0].float()
         res["fp8_modulation_too"] = {"swapped": len(swapped), "weights_bytes": _bytes(t),
-                                     "weights_GiB": _gib(_bytes(t)), "forward_s": _forward_s(t, kw, reps), "rel_err_vs_bf16": _rel(out, ref),
-                                     "rel_err_vs_fp8_recipe": _rel(out, fp8)}
+                                     "weights_GiB": _gib(_bytes(t)), "forward_s": _forward_s(t, kw, reps),
+                                     "rel_err_vs_bf16": _rel(out, ref), "rel_err_vs_fp8_recipe": _rel(out, fp8)}
         del t, holder, kw
     except Exception as e:
         res.update(_error(e))
