@@ -40,7 +40,10 @@ def test_capped_tiny_runs_every_section_through_service(tmp_path, monkeypatch):
     assert qwen["uncapped"]["plan"]["memory"] == "resident" and qwen["capped"]["plan"]["memory"] == "offload-blocks"
     for r in (flux["uncapped"], flux["capped"], qwen["uncapped"], qwen["capped"]):
         assert r["jobs"] and all(j["ok"] for j in r["jobs"])
-    assert [(j["steps"], j["guidance"]) for j in qwen["capped"]["jobs"]] == [(1, 1.0), (1, 4.0), (2, 4.0)]
+    for f in (flux, qwen):  # streamed text encoders / blocks: the resident plan's bytes, job by job
+        assert [j["sha256"] for j in f["capped"]["jobs"]] == [j["sha256"] for j in f["uncapped"]["jobs"]]
+    assert len({j["sha256"] for j in qwen["capped"]["jobs"]}) == 3  # and the jobs differ from each other
+    assert [(j["steps"], j["guidance"]) for j in qwen["capped"]["jobs"]] == [(2, 1.0), (2, 4.0), (3, 4.0)]
     assert qwen["capped"]["cfg40_estimate_s"] > 0 and qwen["capped_over_uncapped"] > 0
     assert flux["capped_over_uncapped"] > 0 and "rtx4090_estimate" not in flux  # the estimate is a GPU figure
     assert all(flux["text_fp8"]["swapped_linears"].values()) and 0 < flux["text_fp8"]["latents_rel_err"] < 0.05
