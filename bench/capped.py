@@ -36,6 +36,17 @@ time scaled by bench.cost's ratios (FP8 dense tensor throughput 1979 vs 330.3 TF
 model; copies that streams overlap with compute are counted in full). It is an estimate, not a 4090
 measurement.
 
+Where each goal's figure is in the JSON:
+
+  FLUX capped at most 1.15x uncapped    flux.capped_over_uncapped (flux.{uncapped,capped}.measured)
+  Qwen 4-step capped at most 3x         qwen.capped_over_uncapped; 40 CFG steps: qwen.{uncapped,capped}.cfg40_estimate_s
+  FLUX resident peak at most 22 GiB     flux.uncapped.measured.peak_GiB (bf16 text encoders);
+                                        flux.text_fp8.job.peak_GiB, flux.text_fp8.job_tiled_512.peak_GiB (FP8 ones);
+                                        modfp8.fp8_modulation_too.weights_GiB (the denoiser with FP8 modulations)
+  INT8 faster than bf16                 int8.int8_over_bf16, int8.int8_faster, int8.int8.int8_kernels
+  RTX 4090 (ESTIMATES)                  flux.rtx4090_estimate, qwen.rtx4090_estimate, qwen.rtx4090_estimate_cfg40
+  peaks per phase                       {flux,qwen}.{uncapped,capped}.job_phases, flux.uncapped.phase_peaks
+
 Results: capped_<gpu>.json in bench/results (and $OUT). Exit 1 when a run failed.
 """
 
