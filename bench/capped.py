@@ -19,8 +19,11 @@ Sections, in this order (the JSON is rewritten after each, so a run cut short ke
   qwen          Qwen-Image-Edit-Plus (20.4B transformer, Qwen2.5-VL 7B, its VAE; random weights) with one
                 1024x1024 reference: uncapped, then capped with the uncapped run's FP8 weights moved to
                 host memory (what a baked FP8 load gives a 24 GB card). Jobs: the 4-step setting (no CFG)
-                warm and measured, then 1 and 3 steps with true CFG 4: their difference is the CFG step,
+                warm and measured, then 2 and 3 steps with true CFG 4: their difference is the CFG step,
                 from which the model card's 40-step job is extrapolated (`cfg40_estimate_s`).
+  modfp8        the FLUX.1-dev transformer alone, eager: bf16, the FP8 recipe, then its modulation linears
+                (kept bf16 by the skip list: 6 GiB of the FP8 denoiser's 14.2) in FP8 too: weight GiB, forward
+                time, error against bf16 (the lever left for a resident FLUX under 22 GiB).
   int8          the FLUX.1-dev transformer alone, bf16 vs torchao INT8 dynamic (what Ampere gets), both
                 fused and regionally compiled, SDPA attention: forward time, peak, relative error, and
                 the GEMM kernels the profiler saw (`int8_kernels`: torchao's path really ran).
@@ -33,6 +36,17 @@ time scaled by bench.cost's ratios (FP8 dense tensor throughput 1979 vs 330.3 TF
 model; copies that streams overlap with compute are counted in full). It is an estimate, not a 4090
 measurement.
 
+Where each goal's figure is in the JSON:
+
+  FLUX capped at most 1.15x uncapped    flux.capped_over_uncapped (flux.{uncapped,capped}.measured)
+  Qwen 4-step capped at most 3x         qwen.capped_over_uncapped; 40 CFG steps: qwen.{uncapped,capped}.cfg40_estimate_s
+  FLUX resident peak at most 22 GiB     flux.uncapped.measured.peak_GiB (bf16 text encoders);
+                                        flux.text_fp8.job.peak_GiB, flux.text_fp8.job_tiled_512.peak_GiB (FP8 ones);
+                                        modfp8.fp8_modulation_too.weights_GiB (the denoiser with FP8 modulations)
+  INT8 faster than bf16                 int8.int8_over_bf16, int8.int8_faster, int8.int8.int8_kernels
+  RTX 4090 (ESTIMATES)                  flux.rtx4090_estimate, qwen.rtx4090_estimate, qwen.rtx4090_estimate_cfg40
+  peaks per phase                       {flux,qwen}.{uncapped,capped}.job_phases, flux.uncapped.phase_peaks
+
 Results: capped_<gpu>.json in bench/results (and $OUT). Exit 1 when a run failed.
 """
 
@@ -41,15 +55,17 @@ from __future__ import annotations
 import argparse
 import base64
 import gc
+import hashlib
 import io
 import tempfile
 import time
+from pathlib import Path
 
 GIB = 2**30
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
 EDIT_PROMPT = "make it a rainy night, keep the lighthouse"
 # Seconds a section takes on an H200 (the runs of 2026-12-02, rounded up): skipped when less is left.
-SECTION_S = {"flux": 260, "qwen": 200, "int8": 90}
+SECTION_S = {"flux": 260, "qwen": 200, "modfp8": 45, "int8": 90}
 # The text encoders run FP8 (TEXT_ENCODERS=fp8) only where the denoised latents they lead to stay within
 # this relative L2 distance of the bf16 encoders' (the FP8 denoiser's own distance is of this order).
 TEXT_FP8_BOUND = 0.05
@@ -195,6 +211,9 @@ def run_service(source, pipe, settings, jobs: list[dict], ballast_gib: float = 0
         rec = {"steps": job["num_inference_steps"], "guidance": job.get("guidance_scale"),
                "wall_s": round(time.perf_counter() - t, 3), "ok": "images" in res}
         rec.update(res.get("timings", {}) if rec["ok"] else {"error": res.get("error")})
+        if rec["ok"]:  # the image's bytes: an offloaded plan runs the same kernels on the same weights
+            image = Path(settings.output_uri, res["images"][0]["key"]).read_bytes()
+            rec["sha256"] = hashlib.sha256(image).hexdigest()[:16]
         if cuda:
             rec["peak_GiB"] = round(torch.cuda.max_memory_allocated() / GIB - ballast_gib, 2)
             rec["allocated_GiB"] = round(torch.cuda.memory_allocated() / GIB - ballast_gib, 2)
@@ -377,7 +396,8 @@ class Run:
             self.res["skipped"][section] = "--skip"
             return False
         if self.cuda and self.left() < SECTION_S[section]:
-            self.res["skipped"][section] = f"budget: {self.left():.0f} s left, the section takes about {SECTION_S[section]}"
+            self.res["skipped"][section] = (f"budget: {self.left():.0f} s left, the section takes about "
+                                            f"{SECTION_S[section]}")
             return False
         return True
 
@@ -469,7 +489,8 @@ def flux_section(run: Run) -> None:
             from app.families import FAMILIES
 
             table = FAMILIES["flux"].memory_table()["fp8"]
-            res["rtx4090_estimate"] = estimate_4090(up["total_ms"] / 1000, res["capped"]["plan"]["memory"], table, steps)
+            plan = res["capped"]["plan"]["memory"]
+            res["rtx4090_estimate"] = estimate_4090(up["total_ms"] / 1000, plan, table, steps)
     else:
         run.failed = True
     run.save()
@@ -486,17 +507,19 @@ def qwen_section(run: Run) -> None:
     args, cuda = run.args, run.cuda
     name = "qwen-image-edit-plus"
     size = args.size or (1024 if cuda else 256)
-    steps_cfg = (1, 3) if cuda else (1, 2)  # the CPU's plumbing run: fewer steps, no warm job
+    # 2 and 3 CFG steps: their difference is a CFG step (one step would be NaN: Qwen's scheduler stretches
+    # its sigmas to shift_terminal by dividing by the last one's distance from 0)
+    steps_cfg = (2, 3)
     ref = image_ref(size)
     base = {"prompt": EDIT_PROMPT, "image": ref, "width": size, "height": size, "seed": 0}
-    fast = dict(base, num_inference_steps=4 if cuda else 1, guidance_scale=1.0)  # the 4-step setting: no CFG
+    fast = dict(base, num_inference_steps=4 if cuda else 2, guidance_scale=1.0)  # the 4-step setting: no CFG
     jobs = ([fast, fast] if cuda else [fast]) + [dict(base, num_inference_steps=n, guidance_scale=4.0)
                                                  for n in steps_cfg]
     measured = len(jobs) - 3
     source, build = _model(name, not cuda)
     settings = _base_settings(run, size)
     res = run.res["qwen"] = {"family": name, "size": size, "reference": f"{size}x{size}", "jobs": "4 steps no CFG "
-                             "(warm, measured), then 1 and 3 steps with true CFG 4 (CPU: 1 step, then 1 and 2)"}
+                             "(warm, measured), then 2 and 3 steps with true CFG 4 (CPU: 2 steps, no warm job)"}
     pipe = None
     try:
         pipe = build()
@@ -530,7 +553,7 @@ def qwen_section(run: Run) -> None:
             one, three = r["jobs"][-2]["total_ms"] / 1000, r["jobs"][-1]["total_ms"] / 1000
             step = (three - one) / (steps_cfg[1] - steps_cfg[0])
             r["cfg_step_s"] = round(step, 3)
-            r["cfg40_estimate_s"] = round(one + 39 * step, 2)
+            r["cfg40_estimate_s"] = round(one + (40 - steps_cfg[0]) * step, 2)
     up, cap = res.get("uncapped", {}).get("measured"), res.get("capped", {}).get("measured")
     if up and cap and up.get("ok") and cap.get("ok"):
         res["capped_over_uncapped"] = round(cap["total_ms"] / up["total_ms"], 3)
@@ -645,7 +668,67 @@ def int8_section(run: Run) -> None:
     run.save()
 
 
-SECTIONS = {"flux": flux_section, "qwen": qwen_section, "int8": int8_section}
+# FLUX's modulation linears (every block's AdaLN projection): 3.2B of the 11.9B parameters, kept bf16 by the
+# family's skip list, so 6 GiB of its 14.2 GiB FP8 denoiser.
+MODULATION = (r".*norm1(_context)?\.linear", r"single_transformer_blocks\.\d+\.norm\.linear")
+
+
+def _bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def modfp8_section(run: Run) -> None:
+    """The FLUX denoiser alone, eager: bf16, the FP8 recipe (skip list kept), then its modulation linears
+    FP8 too: weight GiB, forward time and relative error of one forward against bf16's (random weights)."""
+    import re
+    import types
+
+    import torch
+
+    from app.families import FAMILIES
+    from weights.fp8 import swap_linears
+    from weights.quantize import fuse_qkv, quantize_denoiser, skip_patterns
+
+    family = FAMILIES["flux"] if run.cuda else FAMILIES["flux"].tiny_variant()
+    size = run.args.size or (1024 if run.cuda else 256)
+    res = run.res["modfp8"] = {"size": size, "compile": "off", "modulation": list(MODULATION)}
+    try:
+        if run.cuda:
+            from bench.models import build_flux_transformer
+
+            t = build_flux_transformer("cuda")
+            holder = types.SimpleNamespace(transformer=t, vae_scale_factor=8)
+        else:
+            holder = family.build_tiny()
+            t = holder.transformer
+        fuse_qkv(t)
+        kw = family.denoiser_inputs(holder, size, size)
+        reps = 3 if run.cuda else 1
+        with torch.inference_mode():
+            ref = t(**kw)[0].float()
+        res["bf16"] = {"weights_bytes": _bytes(t), "weights_GiB": _gib(_bytes(t)),
+                       "forward_s": _forward_s(t, kw, reps)}
+        quantize_denoiser(t, "fp8", family.skips, fuse=True)
+        with torch.inference_mode():
+            fp8 = t(**kw)[0].float()
+        res["fp8_recipe"] = {"weights_bytes": _bytes(t), "weights_GiB": _gib(_bytes(t)),
+                             "forward_s": _forward_s(t, kw, reps), "rel_err_vs_bf16": _rel(fp8, ref)}
+        mod = [re.compile(p) for p in MODULATION]
+        swapped = swap_linears(t, keep=lambda n: not any(p.fullmatch(n) for p in mod))
+        with torch.inference_mode():
+            out = t(**kw)[0].float()
+        res["fp8_modulation_too"] = {"swapped": len(swapped), "weights_bytes": _bytes(t),
+                                     "weights_GiB": _gib(_bytes(t)), "forward_s": _forward_s(t, kw, reps),
+                                     "rel_err_vs_bf16": _rel(out, ref), "rel_err_vs_fp8_recipe": _rel(out, fp8)}
+        del t, holder, kw
+    except Exception as e:
+        res.update(_error(e))
+        run.failed = True
+    _reset()
+    run.save()
+
+
+SECTIONS = {"flux": flux_section, "qwen": qwen_section, "modfp8": modfp8_section, "int8": int8_section}
 
 
 def main(argv=None) -> int:
@@ -656,7 +739,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="FLUX steps, default 28 (tiny: 2)")
     ap.add_argument("--budget", type=float, default=540.0,
                     help="seconds: a later section that would not fit in what is left is skipped (GPU only)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to leave out: flux,qwen,int8")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out: flux,qwen,modfp8,int8")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}

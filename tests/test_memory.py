@@ -17,12 +17,16 @@ import torch
 
 from app.config import Settings
 from app.errors import WorkerBroken
+from app.families import FAMILIES
 from app.families.flux import FAMILY as FLUX
 from app.families.sdxl import FAMILY as SDXL
 from app.storage import LocalStore
 from preflight.gpu import GIB, GpuFacts
 from preflight.memory import HEADROOM_GIB, MemoryPlanError, choose_memory_plan, need_gib, table_for
 from preflight.resources import check_memory
+
+
+QWEN = FAMILIES["qwen-image-edit-plus"]
 
 
 def card(free_gib: float, total_gib: float = 24.0) -> GpuFacts:
@@ -50,6 +54,13 @@ CASES = [
     (6.0, SDXL, "fp8", "bf16", "offload-text", True),
     (5.3, SDXL, "fp8", "bf16", "offload-blocks", True),
     (139.0, FLUX, "fp32", "bf16", "resident", False),  # fp32 reads bf16's table
+    # Qwen-Image-Edit(-Plus): its FP8 transformer alone (25.4) is over a 24 GB card
+    (23.5, QWEN, "fp8", "bf16", "offload-blocks", False),
+    (23.5, QWEN, "fp8", "fp8", "offload-blocks", False),
+    (30.9, QWEN, "fp8", "bf16", "offload-text", False),  # an RTX 5090
+    (44.4, QWEN, "fp8", "bf16", "resident", True),  # an L40S: a whole decode would need 44.1 + 1 headroom
+    (78.6, QWEN, "fp8", "bf16", "resident", False),  # an H100
+    (78.6, QWEN, "int8", "bf16", "resident", False),
 ]
 
 
