@@ -43,6 +43,12 @@ def _spy(monkeypatch, fail: bool = False) -> list:
     return calls
 
 
+def _join_readahead() -> None:
+    for t in threading.enumerate():
+        if t.name == "weights-readahead":
+            t.join()
+
+
 def test_weight_files_are_the_safetensors_only(folder):
     assert [p.relative_to(folder).as_posix() for p in pagecache.weight_files(folder)] == [
         "transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
@@ -75,9 +81,7 @@ def test_service_load_pages_the_model_folder_in_first_and_survives_a_filesystem_
     service = Service.load(Settings(model=str(folder), output_uri=str(out), preflight=False, device="cpu",
                                     warmup=False), source=resolve("tiny-flux", None, True),
                            loader=lambda source, plan, cache_dir: tiny_flux_service.pipe)
-    for t in threading.enumerate():
-        if t.name == "weights-readahead":
-            t.join()
+    _join_readahead()
     assert [c[0] for c in calls] == ["transformer/diffusion_pytorch_model.safetensors",
                                      "vae/diffusion_pytorch_model.safetensors"]
     assert "weights_ms" in service.cold_start
@@ -96,6 +100,7 @@ def test_prefetch_weights_off_reads_nothing(folder, monkeypatch):
     with pytest.raises(_Stop):
         Service.load(Settings(model=str(folder), prefetch_weights=False, preflight=False, device="cpu",
                               output_uri=str(folder / "out")), source=resolve("tiny-flux", None, True), loader=loader)
+    _join_readahead()
     assert calls == []
 
 
