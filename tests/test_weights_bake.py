@@ -367,3 +367,19 @@ def test_a_wrong_component_tensor_is_refused_naming_it(copy, file, edit, match):
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(IntegrityError, match=match):
         load_baked(copy, CPU)
+
+
+def test_a_component_named_another_way_is_left_to_from_pretrained(copy):
+    """Files whose tensor names are mostly not the module's (transformers 5 renames Qwen2.5-VL's keys on
+    load; only from_pretrained knows the mapping) are not refused as damaged: from_pretrained loads them."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import captured_logs
+    from weights.load import load_components
+
+    path = copy / "text_encoder" / "model.safetensors"
+    save_file({f"legacy.{k}": v for k, v in load_file(str(path)).items()}, str(path))
+    with captured_logs("INFO") as lines:
+        parts = load_components(copy, "transformer", CPU)
+    assert sorted(parts) == ["text_encoder_2", "vae"]
+    assert any("text_encoder (CLIPTextModel): its files name tensors another way" in line for line in lines)
