@@ -65,6 +65,7 @@ class Settings(BaseModel):
     compile_cache_uri: str | None = None
     weights_uri: str | None = None
     cache_dir: str = "/tmp/diffusion-worker"
+    prefetch_weights: bool = True  # page a local MODEL folder's weights in while imports and preflight run
     job_timeout_s: float | None = Field(None, gt=0)  # None: the model family's default (Family.job_timeout_s)
     preflight: bool = True
     warmup: bool = True

@@ -200,6 +200,48 @@ def _off_bucket_job(family, warm, seen: set, num_images: int):
     raise ValueError(f"no off-bucket size near {job.width}x{job.height} within the {family.name} family's limits")
 
 
+Shape = tuple  # (width, height, num_images) of a job or a warm-up pass
+
+
+def first_run_cost(recipe: Recipe, warmed: list, width: int, height: int, num_images: int) -> str:
+    """The batch/size rule: what a job pays on its first run after warm-up ran `warmed` (warmup_plan's
+    (width, height, num_images), in its order): "none", "compile" (Dynamo traces and Inductor builds a
+    graph inside the job: seconds) or "capture" (a CUDA graph recorded in the job: about one step).
+
+    No size snaps to a bucket: a job runs at its own size, on a graph that is either exactly its shape
+    or dynamic over it. Dynamo specializes a size-1 batch, so batch 1 and batch 2-4 are two graph
+    families. A dimension is dynamic under `all` from the first compile, and under `auto` once it
+    took two values (the recompile that sees the second value marks it dynamic). Regional graphs see
+    (batch, tokens, channels): tokens follow the pixel count; a full compile may see the latents' sides
+    (a UNet), so there width and height each must have varied. `off`: only the warmed shapes exist.
+    """
+    shape = (width, height, num_images)
+    if recipe.compile != "off" and shape not in warmed and not _served(recipe, warmed, shape):
+        return "compile"
+    if recipe.cuda_graphs and shape not in warmed:
+        return "capture"
+    return "none"
+
+
+def _dims(recipe: Recipe, width: int, height: int) -> tuple:
+    return (width * height,) if recipe.compile == "regional" else (width, height)
+
+
+def _served(recipe: Recipe, warmed: list, shape: Shape) -> bool:
+    """Whether a graph warm-up left (one per batch family) is dynamic or equal on every dimension of `shape`."""
+    if recipe.dynamic == "off":
+        return False
+    w, h, n = shape
+    # batch 1 is compiled from batch-1 passes only; the batch 2-4 graph from a batch >= 2 pass, with every
+    # dimension that varied in the passes before it (the order warmup_plan keeps: batch 1 first)
+    seen = [s for s in warmed if s[2] == 1] if n == 1 else warmed
+    if not seen or (n > 1 and not any(s[2] > 1 for s in warmed)):
+        return False
+    per_dim = zip(*(_dims(recipe, sw, sh) for sw, sh, _ in seen))
+    return all(recipe.dynamic == "all" or len(set(vals)) > 1 or vals[0] == v
+               for vals, v in zip(per_dim, _dims(recipe, w, h)))
+
+
 def warmup(pipe, family, jobs) -> dict:
     """Run each warm-up job (`warmup_plan`) through the same `generate` a job runs, so encoders and
     compiled graphs are ready; ms per job, keyed WIDTHxHEIGHT (xN for N images)."""

@@ -1,6 +1,6 @@
 """python -m bench latency [--models flux,sdxl] [--compile regional|full] [--attention fa3|cudnn|native]
                          [--out DIR] [--tiny --size 64 --steps 2]   (--tiny: app.tiny's models, e.g. on a CPU)
-python -m bench coldstart ...   (see bench/coldstart.py)
+python -m bench coldstart [--tiny] [--budget 570] [--dynamic off|auto|all] [--runs ...]   (see bench/coldstart.py)
 python -m bench cost | capped [--tiny]   (price per image by GPU class; FLUX, Qwen-Image-Edit-Plus under a 24 GB cap, INT8)
 python -m bench video [--steps 3] [--tiny]   (see bench/video.py)
 python -m bench edit [--sections ...] [--budget S] [--tiny]   (see bench/edit.py, bench/edit_e2e.py)
@@ -8,6 +8,8 @@ Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
 
 import argparse
 import sys
+
+RUNS = ("no_cache", "warm_cache", "cold_disk")  # bench.coldstart's fresh-process runs (kept light: no import)
 
 
 def main(argv=None) -> int:
@@ -57,6 +59,16 @@ def main(argv=None) -> int:
     cold = sub.add_parser("coldstart", help="fresh process to first image, with and without compile cache")
     cold.add_argument("--workdir", default="/tmp/coldstart")
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
+    cold.add_argument("--tiny", action="store_true", help="the embedded tiny model on the CPU (plumbing only)")
+    cold.add_argument("--budget", type=float, default=570.0, help="seconds for the whole command; later rows/runs skip")
+    cold.add_argument("--runs", default=",".join(RUNS), help=f"fresh-process runs, in order (of {', '.join(RUNS)})")
+    cold.add_argument("--table-in", default="warm_cache", help="the run that also times the first-jobs table ('' none)")
+    cold.add_argument("--dynamic", choices=["off", "auto", "all"], default=None, help="DYNAMIC for the worker")
+    cold.add_argument("--num-images", default="1,2,3,4", help="num_images per size in the table")
+    cold.add_argument("--off-bucket", default=None, help="the table's off-bucket sizes, WxH,WxH (default: two)")
+    cold.add_argument("--steps", type=int, default=None, help="steps per table job (default: the family's)")
+    cold.add_argument("--shapes", default=None, help="SHAPES for the worker (default: the family's buckets)")
+    cold.add_argument("--out", default="bench/results")
     sub.add_parser("cost", help="USD per image by GPU class (no GPU needed; see bench/cost.py)", add_help=False)
     sub.add_parser("capped", help="FLUX and Qwen-Image-Edit-Plus under a 23.5 GiB cap through Service, INT8 vs bf16 (see bench/capped.py)", add_help=False)
     if argv is None:
@@ -121,9 +133,20 @@ def main(argv=None) -> int:
 
         warmpath(args.tiny, args.size, args.steps, args.out)
     elif args.cmd == "coldstart":
+        from app.config import parse_shapes
         from bench.coldstart import main as coldstart
 
-        coldstart(args.workdir, args.baked)
+        runs = [r for r in args.runs.split(",") if r]
+        unknown = sorted(set(runs) - set(RUNS))
+        if unknown:
+            ap.error(f"--runs: unknown {', '.join(unknown)} (of {', '.join(RUNS)})")
+        res = coldstart(args.workdir, args.baked, args.tiny, args.budget, runs, args.table_in or None, args.dynamic,
+                        tuple(int(n) for n in args.num_images.split(",")),
+                        parse_shapes(args.off_bucket) if args.off_bucket else None, args.steps, args.shapes, args.out)
+        failed = [r for r in runs if isinstance(res.get(r), dict) and (res[r].get("error") or "rc" in res[r])]
+        if failed:
+            print(f"bench coldstart: failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -180,7 +180,7 @@ def child(method: str, root: str, device: str = "cuda") -> dict:
 
 def run_child(method: str, root: Path, cold: bool, env: dict) -> dict:
     if cold:
-        from bench.weights_load import drop_cache
+        from weights.pagecache import drop_cache
 
         drop_cache(root)
     r = subprocess.run([sys.executable, "-m", "bench.load_speed", "child", method, str(root)], env=env,

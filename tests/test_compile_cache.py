@@ -183,3 +183,65 @@ def test_service_does_not_touch_the_cache_when_nothing_is_compiled(tmp_path, log
 def test_backend_choice():
     assert isinstance(compile_cache._backend("/data/cc"), compile_cache._Folder)
     assert compile_cache._backend("file:///data/cc").root.as_posix() == "/data/cc"
+
+
+# ---- another machine's artifacts: another GPU, other versions -------------------------------------------
+
+def _versions(monkeypatch, which: str) -> None:
+    """This process as one with another torch, triton or diffusers version (for the key only)."""
+    import sys
+    import types
+
+    import diffusers
+
+    if which == "torch":
+        monkeypatch.setattr(torch, "__version__", "2.99.0+cu999")
+    elif which == "diffusers":
+        monkeypatch.setattr(diffusers, "__version__", "9.9.9")
+    elif which == "triton":
+        monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="9.9.9"))
+
+
+@pytest.mark.parametrize("which", ["torch", "triton", "diffusers"])
+def test_key_changes_with_each_version(monkeypatch, which):
+    before = cache_key(**BASE)
+    with monkeypatch.context() as m:
+        _versions(m, which)
+        assert cache_key(**BASE) != before
+    assert cache_key(**BASE) == before
+
+
+@pytest.mark.parametrize("other", ["gpu", "torch", "triton", "diffusers"])
+def test_artifacts_of_another_gpu_or_versions_are_ignored(tmp_path, monkeypatch, logs, compiled, other):
+    """A store holding another machine's blob: this worker's key differs, so the blob is never loaded;
+    the miss is logged and warm-up compiles (next test) and saves beside it."""
+    store = str(tmp_path / "store")
+    theirs = cache_key(**BASE)
+    assert save(store, theirs) > 0
+    with monkeypatch.context() as m:
+        _versions(m, other)
+        ours = cache_key(**dict(BASE, gpu_name="NVIDIA H200") if other == "gpu" else BASE)
+    assert ours != theirs
+    assert restore(store, ours) is False
+    assert any(f"no artifacts for {ours} yet" in line for line in logs)
+    assert not any("restored" in line for line in logs)
+
+
+def test_a_miss_compiles_and_saves_under_this_machines_key(tmp_path, monkeypatch, logs):
+    """After a miss the compile is a real one (Inductor misses its cache), and its artifacts are saved
+    under this machine's key, beside the other machine's blob, which stays as it was."""
+    from torch._dynamo.utils import counters
+
+    store = tmp_path / "store"
+    store.mkdir()
+    theirs, ours = cache_key(**BASE), cache_key(**dict(BASE, gpu_name="NVIDIA H200"))
+    (store / f"{theirs}.bin").write_bytes(b"another machine's artifacts")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    counters.clear()
+    assert restore(str(store), ours) is False
+    _compile_something()
+    assert counters["inductor"]["fxgraph_cache_miss"] >= 1 and counters["inductor"]["fxgraph_cache_hit"] == 0
+    assert save(str(store), ours) > 0
+    assert sorted(p.name for p in store.glob("*.bin")) == sorted([f"{theirs}.bin", f"{ours}.bin"])
+    assert (store / f"{theirs}.bin").read_bytes() == b"another machine's artifacts"

@@ -19,7 +19,7 @@ from torch import nn
 
 from app.families.flux import FAMILY as FLUX
 from app.families.sdxl import FAMILY as SDXL
-from app.optimize import Recipe, compile_denoiser, graphs_compiled, warmup, warmup_plan
+from app.optimize import Recipe, compile_denoiser, first_run_cost, graphs_compiled, warmup, warmup_plan
 from app.schema import parse_job
 
 
@@ -122,11 +122,11 @@ def test_unknown_dynamic_mode_is_refused():
 
 # ---- the compile: warm-up, then no job compiles -------------------------------------------------------
 
-def _warmed(recipe, shapes=None):
+def _warmed(recipe, shapes=None, plan=warmup_plan):
     torch._dynamo.reset()
     pipe = ToyPipe()
     pipe.transformer = compile_denoiser(pipe.transformer, recipe.compile, recipe.dynamic, backend="eager")
-    warmup(pipe, TOY, warmup_plan(TOY, TOY.warmup_jobs(shapes or TOY.shapes), recipe))
+    warmup(pipe, TOY, plan(TOY, TOY.warmup_jobs(shapes or TOY.shapes), recipe))
     return pipe
 
 
@@ -145,6 +145,54 @@ def test_after_warmup_no_job_compiles(dynamic, shapes):
     pipe = _warmed(recipe, shapes)
     assert graphs_compiled() > 0  # warm-up did compile (the counter counts what this test relies on)
     assert _compiles_per_job(pipe) == [0] * len(JOBS)
+    warmed = _plan(TOY, recipe, shapes)
+    assert [first_run_cost(recipe, warmed, *job) for job in JOBS] == ["none"] * len(JOBS)
+
+
+def _buckets_only(family, jobs, recipe):
+    return list(jobs)
+
+
+@pytest.mark.parametrize("dynamic, shapes, plan", [("off", None, warmup_plan), ("auto", None, _buckets_only),
+                                                   ("auto", [(1024, 1024)], _buckets_only),
+                                                   ("all", [(1024, 1024)], _buckets_only)])
+def test_the_rule_says_which_jobs_compile(dynamic, shapes, plan):
+    """first_run_cost against Dynamo itself, where warm-up leaves graphs that do not serve every job
+    (`off`, or the buckets alone)."""
+    recipe = Recipe(compile="regional", dynamic=dynamic)
+    pipe = _warmed(recipe, shapes, plan)
+    warmed = [(w.job.width, w.job.height, w.job.num_images) for w in plan(TOY, TOY.warmup_jobs(shapes or TOY.shapes),
+                                                                          recipe)]
+    predicted = []
+    for job in JOBS:  # each job's graphs exist for the next ones: the rule reads the history, as Service does
+        predicted.append(first_run_cost(recipe, warmed, *job) == "compile")
+        warmed.append(job)
+    assert any(predicted) and not all(predicted)  # both kinds of job are in the comparison
+    assert [n > 0 for n in _compiles_per_job(pipe)] == predicted
+
+
+def test_the_rule_table():
+    """The rule on FLUX's default buckets, without compiling: no size snaps, so every valid job is either
+    served by a dynamic graph or compiles in its first run; CUDA graphs add a capture per new shape."""
+    plan = _plan(FLUX, COMPILED)
+    cost = lambda recipe, w, h, n: first_run_cost(recipe, plan if recipe.dynamic != "off" else  # noqa: E731
+                                                  _plan(FLUX, recipe), w, h, n)
+    assert {cost(COMPILED, w, h, n) for w, h, n in JOBS} == {"none"}
+    off = Recipe(compile="regional", dynamic="off")
+    assert [cost(off, *j) for j in [(1024, 1024, 1), (1344, 768, 1), (1024, 1024, 2), (832, 1216, 1)]] == [
+        "none", "none", "compile", "compile"]
+    graphs = Recipe(compile="regional", dynamic="auto", cuda_graphs=True)
+    assert [cost(graphs, *j) for j in [(1024, 1024, 1), (1040, 1024, 2), (1024, 1024, 2)]] == [
+        "none", "none", "capture"]
+    assert first_run_cost(Recipe(), [], 832, 1216, 3) == "none"  # nothing compiled: nothing to pay
+    assert first_run_cost(COMPILED, [], 1024, 1024, 1) == "compile"  # WARMUP=0: the first job compiles
+    # batch 1 generalizes from batch-1 passes only: one bucket plus a batch-2 pass leaves batch-1 static
+    assert first_run_cost(COMPILED, [(1024, 1024, 1), (1040, 1024, 2)], 1008, 1024, 1) == "compile"
+    assert first_run_cost(COMPILED, [(1024, 1024, 1), (1040, 1024, 2)], 1008, 1024, 3) == "none"
+    # a full compile may see the latents' sides: both must have varied
+    full = Recipe(compile="full", dynamic="auto")
+    assert first_run_cost(full, [(1024, 1024, 1), (1008, 1024, 1)], 1024, 1008, 1) == "compile"
+    assert first_run_cost(full, [(1024, 1024, 1), (1344, 768, 1)], 1024, 1008, 1) == "none"
 
 
 def test_static_graphs_compile_inside_the_job():

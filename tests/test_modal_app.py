@@ -247,3 +247,73 @@ def test_api_needs_the_token(cloud_api):
     _, _, http = cloud_api
     assert http.post("/run", json={"input": {"prompt": "x"}}).status_code == 401
     assert http.get("/status/fc-0001", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+# ------------------------------------------------------------------- memory snapshots (snap=True)
+
+def test_snapshot_options_follow_modal_gpu_snapshot(tmp_path):
+    """The class is declared with memory snapshots always, and Modal's GPU snapshot option only with
+    MODAL_GPU_SNAPSHOT=1 (a spy on `App.cls` records what modal_app passes; the real decorator runs)."""
+    out = _import_in_clean_env({}, (
+        "import importlib, json, os, modal\n"
+        "real, seen = modal.App.cls, []\n"
+        "modal.App.cls = lambda self, *a, **k: seen.append({n: k.get(n) for n in ('enable_memory_snapshot', "
+        "'experimental_options')}) or real(self, *a, **k)\n"
+        "import modal_app\n"
+        "os.environ['MODAL_GPU_SNAPSHOT'] = '1'\n"
+        "importlib.reload(modal_app)\n"
+        "print(json.dumps(seen))\n"), tmp_path)
+    assert out.strip() == ('[{"enable_memory_snapshot": true, "experimental_options": null}, '
+                           '{"enable_memory_snapshot": true, "experimental_options": {"enable_gpu_snapshot": true}}]')
+
+
+@pytest.fixture
+def gpu_load(monkeypatch, tmp_path, tiny_flux_service):
+    """Service.load as on a GPU machine, which this one is not: it records which enter called it (`load`,
+    before the snapshot, or `ready`, after restore) and runs the real load on the CPU instead, with the
+    shared tiny pipeline as what the loader returns (building one costs seconds)."""
+    import inspect
+
+    from app.service import Service
+
+    calls, real = [], Service.load.__func__
+
+    def load(cls, settings, *a, **k):
+        calls.append(inspect.stack()[2].function)
+        if getattr(load, "fail", None):
+            raise load.fail
+        return real(cls, settings.model_copy(update={"device": "cpu"}), *a,
+                    loader=lambda source, plan, cache_dir: tiny_flux_service.pipe, **k)
+
+    monkeypatch.setattr(Service, "load", classmethod(load))
+    for k, v in {"MODEL": "tiny-flux", "PREFLIGHT": "0", "DEVICE": "cuda", "WARMUP": "0",
+                 "OUTPUT_URI": str(tmp_path / "out")}.items():
+        monkeypatch.setenv(k, v)
+    load.calls = calls
+    return load
+
+
+@pytest.mark.parametrize("gpu_snapshot, where", [("1", "load"), ("0", "ready")])
+def test_the_load_runs_inside_the_snapshot_only_with_gpu_snapshots(gpu_load, monkeypatch, gpu_snapshot, where):
+    """MODAL_GPU_SNAPSHOT=1: the whole load (weights on the GPU, warm-up) runs in `@modal.enter(snap=True)`,
+    so a restore brings it back; 0: Modal gives the snapshot phase no GPU, so it runs after restore
+    (`snap=False`). Either way once, and the job runs."""
+    import modal_app
+
+    monkeypatch.setenv("MODAL_GPU_SNAPSHOT", gpu_snapshot)
+    worker = modal_app.Worker()
+    out = worker.run.local({"prompt": "a red sneaker on a beach", "seed": 3, "num_inference_steps": 1})
+    assert "images" in out, out
+    assert gpu_load.calls == [where]
+
+
+def test_a_load_that_fails_inside_the_snapshot_is_refused_not_retried(gpu_load, monkeypatch):
+    from app.errors import WorkerBroken
+
+    import modal_app
+
+    monkeypatch.setenv("MODAL_GPU_SNAPSHOT", "1")
+    gpu_load.fail = WorkerBroken("preflight: no CUDA device", field="DEVICE")
+    out = modal_app.Worker().run.local({"prompt": "x"})
+    assert out["error"]["type"] == "worker_broken" and "no CUDA device" in out["error"]["message"]
+    assert gpu_load.calls == ["load"]  # `ready` after restore does not load again

@@ -323,3 +323,98 @@ def test_fp8_text_encoders_bake_and_load_bit_for_bit(tmp_path):
     layers["text_encoder"].append("text_model.no_such_layer")
     with pytest.raises(IntegrityError, match="text_encoder.text_model.no_such_layer is missing"):
         restore(pipe, out, {"text_encoder": layers["text_encoder"][-1:]})
+
+
+# ---- text encoders and VAE: through weights.reader into their final place -------------------------------
+
+COMPONENT_FILES = ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                   "vae/diffusion_pytorch_model.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_components_load_through_the_reader_as_from_pretrained_would(baked, monkeypatch, dtype):
+    """CLIP, T5 (tied embeddings, stored once) and the VAE: each file read by weights.reader, and the
+    modules equal to what from_pretrained makes of the same folder (names, dtypes, values, buffers)."""
+    import importlib
+
+    import weights.load as wl
+
+    read, real = [], wl.read_shards
+    monkeypatch.setattr(wl, "read_shards", lambda paths, device, names=None, **kw: (read.extend(names), real(paths, device, names, **kw))[1])
+    pipe = load_baked(baked, Target("cpu", dtype))
+    assert sorted(read) == sorted([f"transformer/{shard(baked).name}", *COMPONENT_FILES])
+    index = json.loads((baked / "model_index.json").read_text())
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        library, cls = index[name]
+        ref = getattr(importlib.import_module(library), cls).from_pretrained(baked / name, torch_dtype=dtype)
+        ours, theirs = getattr(pipe, name).state_dict(), ref.state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours), name
+        assert all(torch.equal(b, dict(ref.named_buffers())[n]) for n, b in getattr(pipe, name).named_buffers())
+        assert not getattr(pipe, name).training
+    t5 = pipe.text_encoder_2
+    assert t5.encoder.embed_tokens.weight is t5.shared.weight  # tied again, one tensor
+
+
+def _component_error(root, match):
+    from weights.load import load_components
+
+    with pytest.raises(IntegrityError, match=match):
+        load_components(root, "transformer", CPU)  # past the manifest's size check: the reader's own
+
+
+def test_a_truncated_text_encoder_is_refused_naming_the_file(copy):
+    path = copy / "text_encoder" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(IntegrityError, match=r"text_encoder/model\.safetensors has \d+ bytes, the manifest says"):
+        load_baked(copy, CPU)  # the manifest's sizes first, as for the denoiser
+    _component_error(copy, r"text_encoder/model\.safetensors: tensor .* ends at byte .* \(truncated\)")
+
+
+def _drop(key):
+    return lambda t: t.pop(key)
+
+
+@pytest.mark.parametrize("file, edit, match", [
+    ("vae/diffusion_pytorch_model.safetensors", lambda t: t.update({"decoder.conv_in.bias": torch.zeros(3)}),
+     r"vae/diffusion_pytorch_model\.safetensors: tensor decoder\.conv_in\.bias has shape \[3\], "
+     r"the vae \(AutoencoderKL\) expects \[\d+\]"),
+    ("text_encoder/model.safetensors", _drop("final_layer_norm.weight"),
+     r"baked text_encoder \(CLIPTextModel\) lacks 1 tensors, missing e\.g\. \['final_layer_norm\.weight'\]"),
+    ("text_encoder_2/model.safetensors", lambda t: t.update({"encoder.not_a_layer.weight": torch.zeros(1)}),
+     r"text_encoder_2/model\.safetensors: unexpected tensors, the text_encoder_2 \(T5EncoderModel\) has no "
+     r"\['encoder\.not_a_layer\.weight'\]"),
+    ("text_encoder/model.safetensors", lambda t: t.update({"final_layer_norm.weight":
+                                                            t["final_layer_norm.weight"].to(torch.int32)}),
+     r"text_encoder/model\.safetensors: tensor final_layer_norm\.weight is torch\.int32, "
+     r"the text_encoder \(CLIPTextModel\) expects torch\.float32"),
+], ids=["vae-shape", "clip-missing", "t5-unknown", "clip-int"])
+def test_a_wrong_component_tensor_is_refused_naming_it(copy, file, edit, match):
+    """The denoiser's refusals, for the other components (the manifest's sizes updated: a consistent bake)."""
+    from safetensors.torch import load_file, save_file
+
+    path = copy / file
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    m = json.loads((copy / "manifest.json").read_text())
+    m["files"][file]["size"] = path.stat().st_size
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match=match):
+        load_baked(copy, CPU)
+
+
+def test_a_component_named_another_way_is_left_to_from_pretrained(copy):
+    """Files whose tensor names are mostly not the module's (transformers 5 renames Qwen2.5-VL's keys on
+    load; only from_pretrained knows the mapping) are not refused as damaged: from_pretrained loads them."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import captured_logs
+    from weights.load import load_components
+
+    path = copy / "text_encoder" / "model.safetensors"
+    save_file({f"legacy.{k}": v for k, v in load_file(str(path)).items()}, str(path))
+    with captured_logs("INFO") as lines:
+        parts = load_components(copy, "transformer", CPU)
+    assert sorted(parts) == ["text_encoder_2", "vae"]
+    assert any("text_encoder (CLIPTextModel): its files name tensors another way" in line for line in lines)

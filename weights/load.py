@@ -7,7 +7,8 @@ dtypes are those of the files. `weights.reader` then puts each stored tensor on 
 (parallel reads into pinned buffers, asynchronous copies) and one `load_state_dict(strict=True,
 assign=True)` swaps them in: no bf16 copy of a quantized weight ever exists and nothing is
 re-quantized. Everything here reads the manifest, not a model family: the worker maps the result
-to its family. The other components (VAE, text encoders) are ordinary diffusers folders.
+to its family. The other components (VAE, text encoders) are ordinary diffusers folders, read the
+same way: a meta skeleton from their config.json, filled by `weights.reader` (`load_components`).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _params_on_meta():
         torch.nn.Module.register_parameter = register
 
 
-def _place(key: str, t: torch.Tensor, like: torch.Tensor, device: str, name: str) -> torch.Tensor:
+def _place(key: str, t: torch.Tensor, like: torch.Tensor, device: str, name: str, what: str = "denoiser"
+           ) -> torch.Tensor:
     """`t` on `device` in the skeleton's dtype. Only plain floats are converted (a bf16 bake in an fp16
     plan); FP8 codes never are (that would re-quantize or use raw codes as numbers), nor are integers
     where floats are expected or the reverse: such a mismatch is refused."""
@@ -106,45 +108,54 @@ def _place(key: str, t: torch.Tensor, like: torch.Tensor, device: str, name: str
         return t.to(device)
     floats = t.is_floating_point() and like.is_floating_point()
     if t.dtype != like.dtype and (t.dtype in FP8_DTYPES or like.dtype in FP8_DTYPES or not floats):
-        raise IntegrityError(f"{name}: tensor {key} is {t.dtype}, the denoiser expects {like.dtype} "
+        raise IntegrityError(f"{name}: tensor {key} is {t.dtype}, the {what} expects {like.dtype} "
                              "(baked with another precision or recipe?)")
     if tuple(t.shape) != tuple(like.shape):
-        raise IntegrityError(f"{name}: tensor {key} has shape {list(t.shape)}, the denoiser expects "
+        raise IntegrityError(f"{name}: tensor {key} has shape {list(t.shape)}, the {what} expects "
                              f"{list(like.shape)}")
     return t.to(device=device, dtype=like.dtype if t.is_floating_point() else t.dtype)
 
 
-def fill(model, shards: Iterable[Shard], device: str):
+def fill(model, shards: Iterable[Shard], device: str, what: str = "denoiser"):
     """Load every shard's tensors into `model` with one strict `load_state_dict(assign=True)`.
 
     Unknown and duplicate tensors fail at the shard that holds them (before the rest is read),
-    missing ones after the last shard; each error names the tensors and the file.
+    missing ones after the last shard; each error names the tensors and the file. Tied tensors (one
+    parameter under two names, as T5's embeddings) are stored once: the other names get the same tensor.
     """
-    expected = model.state_dict()
+    expected = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+    aliases: dict[int, list[str]] = {}
+    for k, t in expected.items():
+        aliases.setdefault(id(t), []).append(k)
     state: dict[str, torch.Tensor] = {}
     for name, tensors, metadata in shards:
         part = unflatten(tensors, metadata, name)
         unknown = sorted(set(part) - set(expected))
         if unknown:
-            raise IntegrityError(f"{name}: unexpected tensors, the denoiser has no {unknown[:3]}")
+            raise IntegrityError(f"{name}: unexpected tensors, the {what} has no {unknown[:3]}")
         dup = sorted(set(state) & set(part))
         if dup:
             raise IntegrityError(f"{name}: tensors already loaded from another shard: {dup[:3]}")
-        state.update({k: _place(k, v, expected[k], device, name) for k, v in part.items()})
+        state.update({k: _place(k, v, expected[k], device, name, what) for k, v in part.items()})
+    for k in list(state):
+        for other in aliases[id(expected[k])]:
+            state.setdefault(other, state[k])
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise IntegrityError(f"baked denoiser lacks {len(missing)} tensors, missing e.g. {missing[:3]}")
+        raise IntegrityError(f"baked {what} lacks {len(missing)} tensors, missing e.g. {missing[:3]}")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise IntegrityError(f"baked denoiser does not fit its skeleton: {str(e)[:500]}") from None
+        raise IntegrityError(f"baked {what} does not fit its skeleton: {str(e)[:500]}") from None
+    if hasattr(model, "tie_weights"):  # transformers: assign gave each name its own Parameter; one again
+        model.tie_weights()
     for module in model.modules():  # constructor-computed buffers (not in the files) follow the weights
         for n in module._non_persistent_buffers_set:
             if module._buffers.get(n) is not None:
                 module._buffers[n] = module._buffers[n].to(device)
     left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
     if left:
-        raise IntegrityError(f"baked denoiser left tensors on the meta device: {left[:3]}")
+        raise IntegrityError(f"baked {what} left tensors on the meta device: {left[:3]}")
     return model.eval().requires_grad_(False)
 
 
@@ -190,15 +201,117 @@ def pipeline_class(root: Path) -> str:
         raise IntegrityError(f"{index}: missing or without _class_name") from None
 
 
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file names
+
+
+def component_files(folder: Path) -> list[Path] | None:
+    """A component folder's safetensors files (one, or the shards its index names); None when it has none."""
+    for stem in WEIGHT_STEMS:
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise IntegrityError(f"{folder.name}/{index.name}: not a safetensors index (no weight_map)") from None
+            return [folder / n for n in names]
+        if (folder / f"{stem}.safetensors").is_file():
+            return [folder / f"{stem}.safetensors"]
+    return None
+
+
+def component_skeleton(folder: Path, library: str, class_name: str, dtype: torch.dtype):
+    """A text encoder's or VAE's module structure from its config.json, parameters on the meta device, in
+    `dtype` except the modules its class keeps in float32 (as from_pretrained does)."""
+    import importlib
+
+    cls = getattr(importlib.import_module(library), class_name)
+    config = json.loads((folder / "config.json").read_text())
+    with _params_on_meta():
+        if library == "diffusers":
+            model = cls.from_config(config)
+        else:
+            model = cls(cls.config_class.from_dict(config))
+            model.tie_weights()  # tied names share one meta parameter: `fill` then wants the tensor once
+    computed = {n: b for n, b in model.named_buffers() if not b.is_meta}
+    model.to(dtype)
+    for name, module in model.named_modules():
+        if name and any(k in name for k in _kept_fp32(cls, library, dtype)):
+            module.to(torch.float32)
+    for n, b in computed.items():  # e.g. CLIP's position ids: kept as computed, not cast
+        parent, _, attr = n.rpartition(".")
+        model.get_submodule(parent)._buffers[attr] = b
+    return model
+
+
+def _kept_fp32(cls, library: str, dtype: torch.dtype) -> list[str]:
+    """The module names a class keeps in float32 at `dtype`, by its library's own from_pretrained rule:
+    diffusers always; transformers `_keep_in_fp32_modules` under fp16 and `..._strict` under fp16 and bf16."""
+    if library == "diffusers":
+        return list(cls._keep_in_fp32_modules or [])
+    keep = list(getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+    if dtype in (torch.float16, torch.bfloat16):
+        keep += list(getattr(cls, "_keep_in_fp32_modules_strict", None) or [])
+    return keep
+
+
+def load_components(root: Path, skip, target: Target) -> dict:
+    """Every model component of the baked directory but those in `skip` (the denoisers), each built on the meta
+    device and filled by `weights.reader` in its final place, with the denoiser's refusals (a truncated
+    file, a wrong shape or dtype, an unknown or missing tensor: named). Tokenizers, schedulers and
+    components without safetensors are left to from_pretrained."""
+    skip = {skip} if isinstance(skip, str) else set(skip)
+    index = json.loads((Path(root) / "model_index.json").read_text())
+    out = {}
+    for name, spec in index.items():
+        if name.startswith("_") or name in skip or not isinstance(spec, list) or len(spec) != 2:
+            continue
+        library, class_name = spec
+        folder = Path(root) / name
+        files = component_files(folder) if library in ("diffusers", "transformers") and folder.is_dir() else None
+        if not files or not (folder / "config.json").is_file():
+            continue
+        model = component_skeleton(folder, library, class_name, target.dtype)
+        names = [f"{name}/{f.name}" for f in files]
+        if not _names_match(model, files, names):
+            # A checkpoint naming scheme of its own (transformers 5 renames Qwen2.5-VL's keys on load):
+            # only from_pretrained knows the mapping. Rare, and said so; never a silent partial load here.
+            logger.info("{} ({}): its files name tensors another way than the module; from_pretrained loads it",
+                        name, class_name)
+            continue
+        out[name] = fill(model, read_shards(files, target.device, names), target.device, what=f"{name} ({class_name})")
+    return out
+
+
+def _names_match(model, files: list[Path], names: list[str]) -> bool:
+    """Whether the files' tensor names are the module's own (most of them: a few wrong or missing ones
+    are a damaged file, refused by `fill` naming them; none or few in common is another naming scheme)."""
+    from weights.reader import head_size
+    from weights.serialize import read_header
+
+    stored: set[str] = set()
+    for path, name in zip(files, names):
+        with open(path, "rb") as f:
+            first = f.read(8)
+            header, _ = read_header(first + f.read(head_size(first) - len(first)), name)
+        stored |= {k for k in header if k != "__metadata__"}
+    expected = set(model.state_dict(keep_vars=True))
+    return len(stored & expected) * 2 >= len(stored)
+
+
 def assemble(root: Path, manifest: dict, target: Target, loaded: dict):
-    """The full pipeline: the given denoisers ({folder name: module}) plus every other component read
-    from `root`."""
+    """The full pipeline: the given denoisers ({folder name: module}), the other models read by
+    `weights.reader` (`load_components`), and what from_pretrained makes from small files (tokenizers,
+    the scheduler). Text encoders baked FP8 hold e4m3 codes: from_pretrained reads them, then their
+    scales are restored before the move, so the GPU sees FP8 only."""
     import diffusers
 
     cls = getattr(diffusers, pipeline_class(root))
-    pipe = cls.from_pretrained(str(root), torch_dtype=target.dtype, **loaded)
-    encoders = manifest.get("text_encoders")
-    if encoders and encoders.get("precision") == "fp8":  # before the move: the GPU sees FP8 only
+    encoders = manifest.get("text_encoders") or {}
+    fp8_text = encoders.get("precision") == "fp8"
+    skip = set(loaded) | (set(encoders.get("layers") or ()) if fp8_text else set())
+    parts = load_components(root, skip, target)
+    pipe = cls.from_pretrained(str(root), torch_dtype=target.dtype, **parts, **loaded)
+    if fp8_text:
         from weights.text_fp8 import restore
 
         restore(pipe, root, encoders["layers"])
