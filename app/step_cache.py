@@ -67,4 +67,7 @@ def step_cache(denoisers, name: str, steps: int, mag_ratios=None):
         for den in mods:
             den.enable_cache(copy.deepcopy(config))  # hooks keep state on their config: one each
             stack.callback(den.disable_cache)
+            # the hooks' state needs a context: pipelines that set none (FLUX img2img, Kontext) run in
+            # this one; those that do (cond / uncond per call) replace it for each call
+            stack.enter_context(den.cache_context("cond"))
         yield

@@ -52,6 +52,18 @@ def test_the_next_uncached_job_is_exactly_uncached(pipe, uncached):
     assert torch.equal(_latents(pipe, "off"), uncached)
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "off"])
+def test_a_pipeline_that_sets_no_cache_context_still_runs(pipe, name):
+    """FluxImg2ImgPipeline and FluxKontextPipeline call the denoiser outside any cache_context: the hooks'
+    state would have none (diffusers raises) without the job-wide one."""
+    tiny = FLUX.tiny_variant()
+    inputs = tiny.denoiser_inputs(pipe, 64, 64)
+    inputs["timestep"] = inputs["timestep"] / 1000
+    with step_cache(pipe.transformer, name, 2, tiny.magcache_ratios()), torch.inference_mode():
+        for _ in range(2):
+            pipe.transformer(**inputs)
+
+
 def test_refusals():
     assert cache_config("off", 28) is None
     with pytest.raises(ValueError, match="magnitude ratios"):
