@@ -128,3 +128,14 @@ def test_a_cache_this_worker_cannot_run_is_refused_naming_the_field(tiny_flux_se
     out = svc.run({**JOB, "cache": "magcache"}, "sc-uncal")
     assert out["error"]["field"] == "cache" and "no calibration" in out["error"]["message"]
     assert "error" not in svc.run({**JOB, "cache": "fbcache", "num_inference_steps": 1}, "sc-fb")
+
+
+def test_a_worker_default_it_cannot_run_stops_the_worker_naming_the_setting(tmp_path):
+    from app.config import Settings
+    from app.errors import WorkerBroken
+    from app.service import Service
+
+    with pytest.raises(WorkerBroken) as e:
+        Service.load(Settings(model="tiny-sdxl", output_uri=str(tmp_path), preflight=False, device="cpu",
+                              warmup=False, step_cache="fbcache"))
+    assert e.value.field == "STEP_CACHE" and "no diffusers cache hooks" in e.value.message
