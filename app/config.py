@@ -69,6 +69,10 @@ class Settings(BaseModel):
     job_timeout_s: float | None = Field(None, gt=0)  # None: the model family's default (Family.job_timeout_s)
     preflight: bool = True
     warmup: bool = True
+    # app.text_cache: MiB of host memory for encoded prompts (a 512-token FLUX prompt is 4 MiB); 0: off
+    text_cache_mb: int = Field(12288, ge=0)
+    text_buckets: bool = False  # T5 at the smallest of 128/256/384/512 tokens holding the prompt
+    step_cache: Literal["off", "fbcache", "taylorseer", "magcache"] = "off"  # a job's `cache` when it sends none
 
     @field_validator("log_level")
     @classmethod

@@ -10,7 +10,8 @@ Order (each step depends on the ones before it):
                     then (`fuse_gelu_quant`, with FP8) FLUX's MLP outputs go to FP8 in one kernel
                     (app.fused: bench/results/variants_h200_s3.json)
   4. attention      the kernel chosen per GPU (app.attention)
-  5. compile        regional (each repeated block class once: short compile) | full | off;
+  5. compile        regional (each repeated block class once: short compile; each block's forward,
+                    so step-cache hooks wrap compiled blocks) | full | off;
                     `dynamic` says which shapes one graph serves (see `warmup_plan`)
   6. cuda_graphs    the whole denoiser call replayed from one CUDA graph per shape (app.cudagraphs);
                     last, since it records whatever the steps before produced
@@ -119,11 +120,24 @@ def compile_denoiser(den, mode: str, dynamic: str, backend="inductor"):
             setattr(dc, name, max(getattr(dc, name), RECOMPILE_LIMIT))
     kw = dict(fullgraph=True, dynamic=DYNAMIC[dynamic], backend=backend)
     if mode == "regional" and getattr(den, "_repeated_blocks", None):
-        den.compile_repeated_blocks(**kw)
+        compile_blocks(den, **kw)
         return den
     if mode in ("regional", "full"):  # no repeated blocks declared: compile it whole
         return torch.compile(den, **kw)
     return den
+
+
+def compile_blocks(den, **kw) -> int:
+    """diffusers' `compile_repeated_blocks`, on each block's `forward` rather than its `__call__`: the
+    same graphs, and hooks that replace `forward` later (app.step_cache) wrap the compiled code and
+    run eagerly around it instead of being traced into a fullgraph. Returns the blocks compiled."""
+    names = set(den._repeated_blocks)
+    blocks = [m for m in den.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"no block of the classes {sorted(names)} in {type(den).__name__}")
+    for block in blocks:
+        block.forward = torch.compile(block.forward, **kw)
+    return len(blocks)
 
 
 def graphs_compiled() -> int:
@@ -164,7 +178,7 @@ def apply_recipe(pipe, family, recipe: Recipe) -> dict:
     return applied
 
 
-def warmup_plan(family, buckets: list, recipe: Recipe) -> list:
+def warmup_plan(family, buckets: list, recipe: Recipe, text_lengths=()) -> list:
     """The warm-up jobs: one per bucket at batch 1, then (when compiled with dynamic shapes) the passes
     after which one graph per block class serves every batch 1-4 and every size, so no job compiles.
 
@@ -176,13 +190,19 @@ def warmup_plan(family, buckets: list, recipe: Recipe) -> list:
     """
     jobs = list(buckets)
     if recipe.compile == "off" or recipe.dynamic == "off" or not jobs:
-        return jobs
+        return jobs + _text_warmups(jobs, text_lengths, every=recipe.compile != "off")
     seen = {w.job.width * w.job.height for w in jobs}
     first = jobs[0]
     if recipe.dynamic == "auto" and len(seen) < 2:
         jobs.append(_off_bucket_job(family, first, seen, 1))
     jobs.append(_off_bucket_job(family, first, seen, 2))
-    return jobs
+    return jobs + _text_warmups(jobs, text_lengths, every=False)
+
+
+def _text_warmups(jobs: list, lengths, every: bool) -> list:
+    """TEXT_BUCKETS: each T5 length but the shortest (a short warm-up prompt's own) once more, at the
+    first bucket (dynamic shapes then serve the rest), or at every bucket (`every`: static graphs)."""
+    return [w._replace(text_length=n) for n in sorted(lengths)[1:] for w in (jobs if every else jobs[:1])]
 
 
 def _off_bucket_job(family, warm, seen: set, num_images: int):
@@ -242,14 +262,18 @@ def _served(recipe: Recipe, warmed: list, shape: Shape) -> bool:
                for vals, v in zip(per_dim, _dims(recipe, w, h)))
 
 
-def warmup(pipe, family, jobs) -> dict:
+def warmup(pipe, family, jobs, text=None) -> dict:
     """Run each warm-up job (`warmup_plan`) through the same `generate` a job runs, so encoders and
-    compiled graphs are ready; ms per job, keyed WIDTHxHEIGHT (xN for N images)."""
+    compiled graphs are ready; ms per job, keyed WIDTHxHEIGHT (xN for N images, tN for a T5 length)."""
     out = {}
-    for job, images in jobs:
+    for job, images, length in jobs:
         t0 = time.perf_counter()
-        family.generate(pipe, job, images=images)
-        name = f"{job.width}x{job.height}" + (f"x{job.num_images}" if job.num_images > 1 else "")
+        if text is None:
+            family.generate(pipe, job, images=images)
+        else:
+            family.generate(pipe, job, images=images, text=text.at_length(length))
+        name = f"{job.width}x{job.height}" + (f"x{job.num_images}" if job.num_images > 1 else "") + \
+            (f"t{length}" if length else "")
         out[name] = round((time.perf_counter() - t0) * 1000, 1)
     logger.info("warm-up: {}", out)
     return out

@@ -71,6 +71,8 @@ class Job(BaseModel):
     strength: Float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     num_frames: Int | None = Field(None, ge=1, le=MAX_FRAMES)  # video families only (their default filled)
     fps: Int | None = Field(None, ge=1, le=MAX_FPS)
+    # opt-in step caching (app.step_cache); None: the worker's STEP_CACHE, "off" opts out of it
+    cache: Literal["off", "fbcache", "taylorseer", "magcache"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -327,7 +329,7 @@ class JobResult(BaseModel):
     images: list[ImageOut]
     videos: list[VideoOut] | None = None  # a video family's outputs (images is then empty)
     model: str
-    timings: dict[str, float]
+    timings: dict[str, float | str]  # phase ms; text_cache: hit | miss | off
     cost: Cost
     cold_start: dict[str, float | str] | None = None  # phase ms, and the memory plan's name
 

@@ -26,6 +26,7 @@ from app.outputs import Encoded
 from app.schema import Job, JobResult, parse_job
 from app.checks import run_preflight
 from app.source import ModelSource, resolve
+from app.step_cache import unsupported
 from app.storage import OutputStore, object_key, open_store, s3_client, store_prefix
 from preflight import Plan
 
@@ -57,11 +58,16 @@ class Service:
         self.cold_start = cold_start  # reported with the first result, then dropped
         self.broken = False
         self._s3 = None  # the boto3 client s3:// inputs are read with, made on the first such job
+        from app.text_cache import TextEncoding
+
+        self.text = TextEncoding.from_settings(settings, source.cache_identity())  # TEXT_CACHE_MB, TEXT_BUCKETS
         self.compiled = False  # set by load when the recipe compiles: jobs then watch for recompiles
         # the applied Recipe, and every (width, height, num_images) warm-up then jobs ran, in order: what a
         # job's first run costs follows from them (app.optimize.first_run_cost)
         self.recipe = None
         self.warmed: list = []
+        # why a step cache cannot run here (None: it can); load refines it with the recipe (CUDA graphs)
+        self.step_cache_blocked = unsupported(getattr(pipe, self.family.denoiser), None)
 
     @property
     def job_timeout_s(self) -> float:
@@ -99,12 +105,19 @@ class Service:
         service = cls(pipe, source, settings, plan, store, phases)
         family = service.family
         recipe = memory.adjust_recipe(choose_recipe(plan, settings, family), plan)
-        warm_jobs = warmup_plan(family, _warmup_jobs(family, settings.shapes), recipe)
+        warm_jobs = warmup_plan(family, _warmup_jobs(family, settings.shapes), recipe,
+                                family.length_buckets() if settings.text_buckets else ())
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
             memory.finish(pipe, family, plan)
         compiled = service.compiled = recipe.compile != "off"
         service.recipe = recipe
+        service.step_cache_blocked = unsupported(getattr(pipe, family.denoiser), recipe)
+        if settings.step_cache != "off":  # the worker's default must run, or the worker is misconfigured
+            why = service._step_cache_refusal(settings.step_cache)
+            if why:
+                raise WorkerBroken(f"bad configuration STEP_CACHE: {settings.step_cache}: {why}", field="STEP_CACHE")
+            warm_jobs = [w._replace(job=w.job.model_copy(update={"cache": settings.step_cache})) for w in warm_jobs]
         shapes = [(w.job.width, w.job.height, w.job.num_images) for w in warm_jobs]
         key = compile_cache.cache_key(plan.gpu_name, plan.capability, source.cache_identity(), recipe.to_dict(),
                                       shapes)
@@ -112,7 +125,7 @@ class Service:
             restored = compiled and compile_cache.restore(settings.compile_cache_uri, key)
         if settings.warmup:
             with timed(phases, "warmup_ms"):
-                warmup(pipe, family, warm_jobs)
+                warmup(pipe, family, warm_jobs, service.text)
             service.warmed = list(shapes)
             if compiled and not restored:
                 compile_cache.save(settings.compile_cache_uri, key)
@@ -140,7 +153,7 @@ class Service:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         with timed(timings, "validate_ms"):
-            job = parse_job(raw, self.family)
+            job = self._with_step_cache(parse_job(raw, self.family))
             _check_job_id(self.store, job_id)  # before any GPU work: the outputs are stored under it
         inputs = None
         if job.inputs:  # fetched and decoded before any GPU work; the size may follow the first image
@@ -152,8 +165,8 @@ class Service:
                     job.height, f"x{job.num_frames} frames" if job.num_frames else "", job.num_inference_steps,
                     job.num_images)
         logger.debug("prompt: {!r}", job.prompt)
-        with timed(timings, "inference_ms"):
-            outputs = self._generate(job, progress, t0, inputs)
+        with timed(timings, "inference_ms"):  # the text encode included (text_encode_ms, text_cache: hit|miss|off)
+            outputs = self._generate(job, progress, t0, inputs, timings)
         with timed(timings, "encode_ms"):  # the family's format: images, or a video and its poster
             encoded = self.family.encode_outputs(outputs, job)
         with timed(timings, "upload_ms"):  # under the job's deadline too (a stalled store)
@@ -169,6 +182,25 @@ class Service:
         logger.info("job done in {} ms", timings["total_ms"])
         return result.model_dump(exclude_none=True)
 
+    def _step_cache_refusal(self, name: str) -> str | None:
+        """Why step cache `name` cannot run on this worker (None: it can)."""
+        if name == "off":
+            return None
+        if self.step_cache_blocked:
+            return self.step_cache_blocked
+        if name == "magcache" and self.family.mag_ratios is None:
+            return f"MagCache has no calibration for {self.source.id} (fbcache and taylorseer need none)"
+        return None
+
+    def _with_step_cache(self, job: Job) -> Job:
+        """`job` with the step cache it runs (its own, else STEP_CACHE); InvalidInput naming `cache` when
+        that one cannot run here."""
+        name = job.cache or self.settings.step_cache
+        why = self._step_cache_refusal(name)
+        if why:
+            raise InvalidInput(f"cache: {name} cannot run on this worker: {why}", field="cache")
+        return job if job.cache == name else job.model_copy(update={"cache": name})
+
     def _fetch_limits(self, job: Job) -> FetchLimits:
         """The fetch limits with the worker's S3 client when the job reads an s3:// input (made once)."""
         limits = self.fetch_limits
@@ -178,7 +210,8 @@ class Service:
             limits = replace(limits, s3_client=self._s3)
         return limits
 
-    def _generate(self, job: Job, progress: Progress | None, t0: float, inputs: list | None = None) -> list:
+    def _generate(self, job: Job, progress: Progress | None, t0: float, inputs: list | None = None,
+                  timings: dict | None = None) -> list:
         deadline = t0 + self.job_timeout_s
 
         def on_step(step: int, total: int) -> None:
@@ -191,7 +224,7 @@ class Service:
 
         try:
             if not self.compiled:
-                return self.family.generate(self.pipe, job, on_step, inputs)
+                return self.family.generate(self.pipe, job, on_step, inputs, self.text, timings)
             from app.optimize import first_run_cost, graphs_compiled
 
             shape = (job.width, job.height, job.num_images)
@@ -202,7 +235,7 @@ class Service:
             if shape not in self.warmed:  # its graphs exist from now on, compiled or not
                 self.warmed.append(shape)
             before = graphs_compiled()
-            images = self.family.generate(self.pipe, job, on_step, inputs)
+            images = self.family.generate(self.pipe, job, on_step, inputs, self.text, timings)
             if graphs_compiled() > before and not expected:  # the rule was wrong: say so where it is seen
                 logger.warning("job at {}x{} x{} compiled {} new graph(s): a shape warm-up did not cover",
                                job.width, job.height, job.num_images, graphs_compiled() - before)

@@ -1,9 +1,12 @@
 """python -m bench warmpath: what a warm FLUX worker can still shed, side by side in one process.
 
-FLUX.1-dev shape with random weights (`--tiny`: the embedded tiny model, plumbing only), the
-worker's FP8 recipe applied and warmed, then: opt-in step caches (app.step_cache) - end to end and
-the relative L2 of the final latents against the uncached run, same seed; the text-embedding cache
-(app.text_cache) - a miss (the encoders) against a hit; T5 prompt-length buckets - the denoise time
+FLUX.1-dev shape with random weights (`--tiny`: the embedded tiny model uncompiled, plumbing only;
+tests/test_step_cache.py runs the hooks around compiled blocks on the CPU), the worker's FP8 recipe
+applied and warmed, then: opt-in step caches (app.step_cache, hooks around the regionally compiled
+blocks) - denoise time, speed-up, the graphs each setting compiled (first run, then later runs: 0
+means no recompile) and the relative L2 of the final latents against the uncached run, same seed;
+the text-embedding cache
+(app.text_cache, as a job reaches it) - a miss (the encoders) against a hit (lookup and copy to the GPU); T5 prompt-length buckets - the denoise time
 at 128/256/384/512 tokens and the latents' deviation against 512 (the length FLUX.1-dev was
 trained with). The first call of each setting is reported apart (a recompile shows there).
 """
@@ -13,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from app.families.flux import FAMILY as FLUX
-from app.optimize import apply_recipe
-from app.step_cache import step_cache
-from app.text_cache import TextCache, TextKey
+from app.optimize import apply_recipe, graphs_compiled
+from app.step_cache import FBCACHE_THRESHOLD, MAGCACHE_THRESHOLD, step_cache
+from app.text_cache import TextCache, TextEncoding, TextKey, nbytes
 from bench import timing
 
 CACHES = ("fbcache", "taylorseer", "magcache")
@@ -38,28 +41,41 @@ def _timed_runs(fn, reps):
     return round(first, 3), timing.med(rest), out
 
 
-def run(pipe, family, size: int, steps: int, reps: int = 3, caches=CACHES, buckets=BUCKETS) -> dict:
-    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+def _counted(fn):
+    """fn() and the graphs Dynamo compiled while it ran."""
+    before = graphs_compiled()
+    out = fn()
+    return out, graphs_compiled() - before
 
+
+def run(pipe, family, size: int, steps: int, reps: int = 3, caches=CACHES, buckets=BUCKETS) -> dict:
     kw = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=family.defaults.guidance)
     res: dict = {"size": size, "steps": steps}
     full = family.defaults.max_sequence_length
     with torch.inference_mode():
-        # the text-embedding cache: a miss runs CLIP + T5, a hit is a dict lookup
-        cache = TextCache(64 << 20)
-        key = TextKey("bench", family.name, timing.PROMPT, None, full)
+        # the text-embedding cache as a job reaches it (TextEncoding): a miss runs CLIP + T5 and keeps a
+        # pinned host copy, a hit is the lookup plus the copy back to the GPU
+        text = TextEncoding(TextCache(64 << 20), "bench")
+        key = TextKey("", family.name, timing.PROMPT, None, full)
         miss = [timing.timed(lambda: family.encode(pipe, timing.PROMPT))[0] for _ in range(reps)]
-        emb = family.encode(pipe, timing.PROMPT)
-        cache.put(key, emb)
-        hit = [timing.timed(lambda: cache.get(key))[0] for _ in range(reps)]
-        res["text_cache"] = dict(miss_ms=round(1000 * timing.med(miss), 2), hit_ms=round(1000 * timing.med(hit), 4))
+        emb = text.embeddings(key, lambda: family.encode(pipe, timing.PROMPT), pipe._execution_device)
+        hit = [timing.timed(lambda: text.embeddings(key, None, pipe._execution_device))[0] for _ in range(reps)]
+        res["text_cache"] = dict(miss_ms=round(1000 * timing.med(miss), 2), hit_ms=round(1000 * timing.med(hit), 4),
+                                 entry_mib=round(nbytes(emb) / 2**20, 2))
         first, base_s, base = _timed_runs(lambda: _latents(pipe, emb, kw), reps)
         res["uncached"] = dict(first_s=first, denoise_s=base_s)
+        res["thresholds"] = dict(fbcache=FBCACHE_THRESHOLD, magcache=MAGCACHE_THRESHOLD,
+                                 taylorseer="cache_interval=5, disable_cache_before_step=3, max_order=1")
         for name in caches:
-            with step_cache(getattr(pipe, family.denoiser), name, steps, FLUX_MAG_RATIOS):
+            with step_cache(getattr(pipe, family.denoiser), name, steps, family.magcache_ratios()):
                 try:
-                    first, s, lat = _timed_runs(lambda: _latents(pipe, emb, kw), reps)
-                    res[name] = dict(first_s=first, denoise_s=s, speedup=round(base_s / s, 2),
+                    (first, _), first_graphs = _counted(lambda: timing.timed(lambda: _latents(pipe, emb, kw)))
+                    times, later_graphs = _counted(lambda: [timing.timed(lambda: _latents(pipe, emb, kw))
+                                                            for _ in range(reps)])
+                    s, lat = timing.med([t for t, _ in times]), times[-1][1]
+                    res[name] = dict(first_s=round(first, 3), denoise_s=s, speedup=round(base_s / s, 2),
+                                     graphs_first=first_graphs, graphs_later=later_graphs,
+                                     deterministic=all(torch.equal(o, lat) for _, o in times),  # same seed
                                      rel_l2_vs_uncached=_rel(lat, base))
                 except Exception as e:  # a cache that does not combine with the compiled recipe
                     res[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -92,6 +108,6 @@ def main(tiny: bool = False, size: int = 1024, steps: int | None = None, out_dir
     recipe = _recipe("flux", "off" if tiny else "regional", "fa3", None, True)
     res = {"versions": versions(), "recipe": recipe.to_dict(), "apply_ms": apply_recipe(pipe, family, recipe)}
     timing.warm(pipe, family, size)
-    res.update(run(pipe, family, size, steps or family.defaults.steps, buckets=buckets))
+    res.update(run(pipe, family, size, steps or family.defaults.steps, reps=2 if tiny else 3, buckets=buckets))
     save_json(res, "warmpath", out_dir)
     return res

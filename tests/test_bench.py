@@ -245,6 +245,7 @@ def test_warmpath_bench_plumbing_on_the_tiny_flux(tmp_path):
     assert res["text_cache"]["hit_ms"] < res["text_cache"]["miss_ms"]
     for name in CACHES:
         assert "error" not in res[name] and res[name]["rel_l2_vs_uncached"] >= 0
+        assert res[name]["deterministic"] and res[name]["graphs_later"] == 0
     lengths = sorted(res["buckets"])
     assert res["buckets"][max(lengths)]["rel_l2_vs_longest"] == 0 and len(lengths) == 3
     assert res["buckets"][min(lengths)]["rel_l2_vs_longest"] > 0  # a shorter T5 sequence changes the latents

@@ -45,6 +45,8 @@ BAD = {
     "num_images": st.one_of(not_int, st.integers(max_value=0), st.integers(min_value=MAX_IMAGES + 1)),
     "output_format": st.one_of(not_str, st.text(max_size=10).filter(lambda s: s not in ("png", "jpeg", "webp"))),
     "output_quality": st.one_of(not_int, st.integers(max_value=0), st.integers(min_value=101)),
+    "cache": st.one_of(not_str, st.text(max_size=12).filter(lambda s: s not in ("off", "fbcache", "taylorseer",
+                                                                                "magcache"))),
 }
 
 

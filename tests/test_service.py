@@ -26,8 +26,10 @@ def test_result_shape(tiny_flux_service):
     assert img["key"] == "shape-1/0.png" and img["url"].endswith("/shape-1/0.png") and img["bytes"] > 0
     assert out["model"] == "tiny-flux"
     t = out["timings"]
-    assert set(t) == {"validate_ms", "inference_ms", "encode_ms", "upload_ms", "total_ms"}
-    assert all(v >= 0 for v in t.values())
+    assert set(t) == {"validate_ms", "text_encode_ms", "text_cache", "inference_ms", "encode_ms", "upload_ms",
+                      "total_ms"}
+    assert t.pop("text_cache") in ("hit", "miss")
+    assert all(v >= 0 for v in t.values()) and t["text_encode_ms"] <= t["inference_ms"]
     assert t["inference_ms"] > 0 and t["total_ms"] >= t["inference_ms"] + t["encode_ms"]
     assert out["cost"]["gpu"] == "cpu" and out["cost"]["usd"] == 0.0
     assert out["cost"]["gpu_seconds"] == pytest.approx(t["total_ms"] / 1000, abs=1e-3)

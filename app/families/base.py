@@ -30,10 +30,12 @@ _derived: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # loaded pi
 
 
 class Warmup(NamedTuple):
-    """One warm-up run: the job and its synthetic input images (None for a text job)."""
+    """One warm-up run: the job, its synthetic input images (None for a text job), and the text
+    sequence length it forces (a T5 bucket to warm; None: the job's own)."""
 
     job: Job
     images: list | None = None
+    text_length: int | None = None
 
 
 def step_callback(on_step: StepCallback, total: int):
@@ -100,6 +102,11 @@ class Family:
     job_timeout_s: float = 600.0  # JOB_TIMEOUT_S when the variable is unset: what a job of this family needs
     # Further denoisers the recipe also optimizes when the pipeline holds them (Wan 2.2's second expert).
     extra_denoisers: tuple[str, ...] = ()
+    # TEXT_BUCKETS applies: the T5 length may be any of app.text_cache.T5_BUCKETS up to the default
+    text_buckets: bool = False
+    # MagCache's calibrated magnitude ratios: the name of diffusers.hooks.mag_cache's table for this
+    # model (None: uncalibrated, the magcache step cache is refused)
+    mag_ratios: str | None = None
 
     # -- identity and variants ---------------------------------------------------------------------
     def skips(self, module_name: str) -> bool:
@@ -208,14 +215,87 @@ class Family:
             kw["callback_on_step_end"] = step_callback(on_step, total)
         return kw
 
-    def generate(self, pipe, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> list:
+    def generate(self, pipe, job: Job, on_step: StepCallback | None = None, images: list | None = None,
+                 text=None, timings: dict | None = None) -> list:
         """Run `job` (its input images decoded, RGB, in job order; None for a text job); return its
-        outputs (PIL images, one per seed)."""
+        outputs (PIL images, one per seed). `text` (app.text_cache.TextEncoding) encodes the prompts
+        through the worker's cache; `timings` gets the text encode's."""
         import torch
 
         runner = self.pipeline_for(pipe, job)
+        kw = self.call_kwargs(job, on_step, images)
+        steps = self.img2img_steps(job) if "strength" in kw else job.num_inference_steps
         with torch.inference_mode():
-            return runner(**self.call_kwargs(job, on_step, images)).images
+            kw = self.with_text(runner, job, kw, text, timings)
+            with self.step_cache(runner, job, steps):
+                return runner(**kw).images
+
+    def step_cache(self, pipe, job: Job, steps: int):
+        """The job's step cache (app.step_cache) on every denoiser the pipeline holds, for the job only."""
+        from app.step_cache import step_cache
+
+        dens = [d for d in (getattr(pipe, a, None) for a in (self.denoiser, *self.extra_denoisers)) if d is not None]
+        return step_cache(dens, job.cache or "off", steps, self.magcache_ratios())
+
+    def magcache_ratios(self):
+        """The model's MagCache ratios (a tensor), or None when uncalibrated."""
+        if self.mag_ratios is None:
+            return None
+        from diffusers.hooks import mag_cache
+
+        return getattr(mag_cache, self.mag_ratios)
+
+    # -- text: the prompts as embeddings, through the worker's text-embedding cache ------------------
+    def text_extra(self, pipe, job: Job) -> tuple | None:
+        """What the embeddings depend on besides prompt, negative prompt and length (the cache key's
+        `extra`); None: this family's prompts are left to the pipeline (not cached)."""
+        return None
+
+    def encode_text(self, pipe, job: Job, length: int | None) -> dict:
+        """The job's prompt (and negative) as pipeline keyword arguments for ONE image."""
+        raise NotImplementedError
+
+    def prompt_tokens(self, pipe, prompt: str) -> int:
+        """How many tokens the bucketed text encoder sees for `prompt` (families with text_buckets)."""
+        raise NotImplementedError
+
+    def length_buckets(self) -> tuple[int, ...]:
+        """The sequence lengths TEXT_BUCKETS may pick: T5_BUCKETS below the default, and the default."""
+        from app.text_cache import T5_BUCKETS
+
+        cap = self.defaults.max_sequence_length
+        return tuple(b for b in T5_BUCKETS if b < cap) + (cap,) if self.text_buckets and cap else (cap,)
+
+    def text_length(self, pipe, job: Job, text) -> int | None:
+        """The job's text sequence length: a warm-up's forced one, the smallest bucket holding the prompt
+        (TEXT_BUCKETS), or the family's default."""
+        cap = self.defaults.max_sequence_length
+        if text is None or cap is None:
+            return cap
+        if text.length is not None:
+            return text.length
+        if not (text.buckets and self.text_buckets):
+            return cap
+        from app.text_cache import bucket_for
+
+        return bucket_for(self.prompt_tokens(pipe, job.prompt), self.length_buckets())
+
+    def with_text(self, pipe, job: Job, kw: dict, text, timings: dict | None) -> dict:
+        """`kw` with the prompts replaced by their embeddings (from the cache when `text` has one),
+        one copy per output image; unchanged for a family whose prompts the pipeline encodes."""
+        extra = self.text_extra(pipe, job)
+        if extra is None:
+            return kw
+        from app.text_cache import TextEncoding, TextKey
+
+        text = text or TextEncoding()
+        length = self.text_length(pipe, job, text)
+        key = TextKey("", self.name, job.prompt, job.negative_prompt, length, extra)
+        value = text.embeddings(key, lambda: self.encode_text(pipe, job, length), pipe._execution_device, timings)
+        kw = {k: v for k, v in kw.items() if k not in ("prompt", "negative_prompt")}
+        if "max_sequence_length" in kw:
+            kw["max_sequence_length"] = length
+        return {**kw, **repeat_batch(value, job.num_images)}
 
     def encode_outputs(self, outputs: list, job: Job) -> list:
         """`generate`'s outputs as stored blobs (app.outputs.Encoded), in order: images in the job's format."""
@@ -248,6 +328,13 @@ class Family:
     def denoiser_inputs(self, pipe, width: int, height: int, seed: int = 0) -> dict:
         """Random inputs of one denoiser forward at this size (the fidelity check's)."""
         raise NotImplementedError
+
+
+def repeat_batch(value: dict, n: int) -> dict:
+    """One image's embeddings as `n` images' (fresh tensors: the cached ones are never handed out)."""
+    import torch
+
+    return {k: v.repeat(n, *(1,) * (v.dim() - 1)) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
 
 
 def synthetic_image(width: int, height: int, seed: int = 0):

@@ -20,7 +20,8 @@ PROMPT_TOKENS = 512  # T5 tokens FLUX.1-dev was trained with
 class Flux(Family):
     def variant(self, denoiser_config) -> Family:
         if not getattr(denoiser_config, "guidance_embeds", True):  # FLUX.1-schnell
-            return replace(self, defaults=replace(self.defaults, steps=4, guidance=0.0, max_sequence_length=256))
+            return replace(self, defaults=replace(self.defaults, steps=4, guidance=0.0, max_sequence_length=256),
+                           mag_ratios=None)  # diffusers' FLUX ratios are FLUX.1-dev's
         return self
 
     def call_kwargs(self, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> dict:
@@ -62,10 +63,22 @@ class Flux(Family):
             vae=vae(4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
         ))
 
-    def encode(self, pipe, prompt: str) -> dict:
+    def encode(self, pipe, prompt: str, max_sequence_length: int | None = None) -> dict:
         pe, ppe, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None,
-                                        max_sequence_length=self.defaults.max_sequence_length)
+                                        max_sequence_length=max_sequence_length or self.defaults.max_sequence_length)
         return dict(prompt_embeds=pe, pooled_prompt_embeds=ppe)
+
+    def text_extra(self, pipe, job: Job) -> tuple:
+        # CLIP and T5 see the prompt only (Kontext's and img2img's too): no CFG, nothing else to key on
+        return ()
+
+    def encode_text(self, pipe, job: Job, length: int | None) -> dict:
+        return self.encode(pipe, job.prompt, length)
+
+    def prompt_tokens(self, pipe, prompt: str) -> int:
+        """T5's tokens for `prompt`, its end token included, counted up to the default length."""
+        cap = self.defaults.max_sequence_length
+        return len(pipe.tokenizer_2(prompt, truncation=True, max_length=cap).input_ids)
 
     def decode(self, pipe, latents, width: int, height: int):
         lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
@@ -117,4 +130,6 @@ FAMILY = Flux(
     checkpoint_keys="weights.flux_keys",
     img2img_class="FluxImg2ImgPipeline",  # a job sending an image runs image-to-image on the same weights
     default_strength=0.8,
+    text_buckets=True,  # TEXT_BUCKETS=1: T5 at 128/256/384 tokens when the prompt fits (trained at 512)
+    mag_ratios="FLUX_MAG_RATIOS",  # diffusers' calibration on FLUX.1-dev
 )

@@ -61,5 +61,6 @@ FAMILY = FluxKontext(
        "max_images": 1,
        "requires_image": True,
        "img2img_class": None,
-       "default_strength": FLUX.default_strength},
+       "default_strength": FLUX.default_strength,
+       "mag_ratios": None},  # FLUX.1-dev's MagCache calibration is not Kontext's
 )

@@ -23,6 +23,22 @@ class SDXL(Family):
             del kw["height"], kw["width"]
         return kw
 
+    def text_extra(self, pipe, job: Job) -> tuple:
+        """CFG on or off (off: no negative embeddings), and whether an empty negative is zeros."""
+        return (self._cfg(pipe, job), bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
+
+    def encode_text(self, pipe, job: Job, length: int | None) -> dict:
+        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=job.prompt, do_classifier_free_guidance=self._cfg(pipe, job),
+                                                negative_prompt=job.negative_prompt)
+        out = dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
+                   negative_pooled_prompt_embeds=nppe)
+        return {k: v for k, v in out.items() if v is not None}
+
+    @staticmethod
+    def _cfg(pipe, job: Job) -> bool:
+        # the pipelines' own do_classifier_free_guidance
+        return job.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+
     def build_tiny(self):
         """StableDiffusionXLPipeline with a two-level UNet, two tiny CLIP encoders and an 8x VAE."""
         import torch

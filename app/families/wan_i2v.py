@@ -104,17 +104,26 @@ class WanI2V(Family):
             kw["callback_on_step_end"] = step_callback(on_step, job.num_inference_steps)
         return kw
 
-    def generate(self, pipe, job: Job, on_step: StepCallback | None = None, images: list | None = None) -> list:
+    def generate(self, pipe, job: Job, on_step: StepCallback | None = None, images: list | None = None,
+                 text=None, timings: dict | None = None) -> list:
         """Run `job`; return one video: uint8 frames [frames, height, width, 3]."""
         import numpy as np
         import torch
 
         kw = self.call_kwargs(job, on_step, images)
         with torch.inference_mode():
-            kw.update(self.encode(pipe, kw.pop("prompt"), kw.pop("negative_prompt")))
-            frames = pipe(**kw).frames[0]
+            kw = self.with_text(pipe, job, kw, text, timings)
+            with self.step_cache(pipe, job, job.num_inference_steps):
+                frames = pipe(**kw).frames[0]
         # the pipeline's own float [0, 1] frames, rounded as its "pil" output does
         return [(np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)]
+
+    def text_extra(self, pipe, job: Job) -> tuple:
+        # UMT5 sees the prompts only (the image goes to CLIP); the default negative is in the key's negative
+        return ()
+
+    def encode_text(self, pipe, job: Job, length: int | None) -> dict:
+        return self.encode(pipe, job.prompt, job.negative_prompt or DEFAULT_NEGATIVE)
 
     def encode(self, pipe, prompt: str, negative_prompt: str | None = DEFAULT_NEGATIVE) -> dict:
         """prompt_embeds and negative_prompt_embeds [1, 512, 4096] as the pipeline computes them."""
