@@ -68,6 +68,10 @@ class Settings(BaseModel):
     job_timeout_s: float | None = Field(None, gt=0)  # None: the model family's default (Family.job_timeout_s)
     preflight: bool = True
     warmup: bool = True
+    loras: bool = False  # per-job LoRA: a zero low-rank branch beside every denoiser linear, built at start
+    lora_max_rank: int = Field(64, ge=16, le=512)  # the branches' rank (x3 on fused QKV); a multiple of 16
+    lora_cache: str | None = None  # LoRA files by content hash; None: CACHE_DIR/loras
+    lora_cache_mb: int = Field(4096, ge=16)
 
     @field_validator("log_level")
     @classmethod
@@ -76,6 +80,13 @@ class Settings(BaseModel):
         if v.upper() not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return v.upper()
+
+    @field_validator("lora_max_rank")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v % 16:  # torch._scaled_mm runs the branch's FP8 GEMM on multiples of 16 only
+            raise ValueError("must be a multiple of 16")
+        return v
 
     @field_validator("shapes", mode="before")
     @classmethod

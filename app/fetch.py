@@ -3,8 +3,8 @@
 `fetch_image(ref, limits)` takes an `https://` or `http://` URL, a `data:` URI or an `s3://` object
 and returns a decoded PIL image, or raises: InvalidInput for a reference we refuse (bad scheme,
 forbidden address, too large, too many pixels, not an allowed format), JobFailed for a source that
-failed us (timeout, connection error, 5xx). Used by the edit and image-to-image tasks (and LoRA
-files later); the text-to-image contract has no image field yet.
+failed us (timeout, connection error, 5xx). Used by the edit and image-to-image tasks, and with
+`formats=()` (any content type, the bytes judged by their reader) for a job's LoRA files.
 
 Rules, and why:
 - Server-side request forgery: the host is resolved once and refused when ANY of its addresses is
@@ -86,6 +86,7 @@ class FetchLimits:
     resolver: Callable[[str, int], list[str]] = system_resolver
     ssl_context: ssl.SSLContext | None = None  # None: the system's trust store, hostname checked
     s3_client: object | None = None  # None: app.storage.s3_client() from boto3's environment
+    what: str = "image"  # what the bytes are, as errors name them ("LoRA file")
 
 
 def fetch_image(ref: str, limits: FetchLimits = FetchLimits(), field: str = "image"):
@@ -312,7 +313,7 @@ def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: 
     try:
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         conn.request("GET", path, headers={"User-Agent": "diffusion-worker", "Accept-Encoding": "identity",
-                                           "Accept": ", ".join(sorted(MIME_TYPES))})
+                                           "Accept": ", ".join(sorted(MIME_TYPES)) if limits.formats else "*/*"})
         conn.sock.settimeout(_read_timeout(limits, deadline))
         resp = conn.getresponse()
         if resp.status in REDIRECTS:
@@ -326,8 +327,8 @@ def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: 
         _check_type(resp.getheader("Content-Type"), limits, field)
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > limits.max_bytes:
-            raise InvalidInput(f"{field}: image is {int(length)} bytes, over the {limits.max_bytes} byte limit",
-                               field=field)
+            raise InvalidInput(f"{field}: {limits.what} is {int(length)} bytes, over the {limits.max_bytes} "
+                               "byte limit", field=field)
         return _read_capped(lambda: resp.read1(CHUNK), conn, limits, field, deadline), None
     except (socket.timeout, TimeoutError):
         if fired.is_set():
@@ -412,13 +413,13 @@ def _read_capped(read: Callable[[], bytes], conn, limits: FetchLimits, field: st
             return bytes(buf)
         buf += chunk
         if len(buf) > limits.max_bytes:
-            raise InvalidInput(f"{field}: image is over the {limits.max_bytes} byte limit", field=field)
+            raise InvalidInput(f"{field}: {limits.what} is over the {limits.max_bytes} byte limit", field=field)
 
 
 def _check_type(content_type: str | None, limits: FetchLimits, field: str) -> None:
     """Refuse a declared type that is not an allowed image (HTML error pages, scripts, archives)."""
     mime = (content_type or "").split(";")[0].strip().lower()
-    if not mime or mime in GENERIC_TYPES:
+    if not mime or mime in GENERIC_TYPES or not limits.formats:
         return  # undeclared: the bytes are checked by decode_image
     if MIME_TYPES.get(mime) not in limits.formats:
         raise InvalidInput(f"{field}: content type {mime[:60]} is not an allowed image type "
@@ -457,7 +458,7 @@ def _fetch_s3(ref: str, limits: FetchLimits, field: str, deadline: float) -> byt
         head = client.head_object(Bucket=bucket, Key=key)
         _check_type(head.get("ContentType"), limits, field)
         if head.get("ContentLength", 0) > limits.max_bytes:
-            raise InvalidInput(f"{field}: image is {head['ContentLength']} bytes, over the {limits.max_bytes} "
+            raise InvalidInput(f"{field}: {limits.what} is {head['ContentLength']} bytes, over the {limits.max_bytes} "
                                "byte limit", field=field)
         # The Range caps what the store sends even if the object grew since the HEAD.
         body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limits.max_bytes}")["Body"]

@@ -1,0 +1,258 @@
+"""Per-job LoRA (LORAS=1) on the tiny FLUX with FP8 weights, through Service.run: the LoRA files are
+served by a loopback HTTP server (the fetch guard opened to 127.0.0.1/32 only, its test seam).
+
+The denoiser is quantized by the loader (as a baked FP8 model is: the CPU recipe does not quantize),
+so every branch here is the FP8 one, on FP8Linear's CPU reference path (the same numbers as CUDA's
+FP8 GEMMs up to their accumulation order; the GEMMs themselves are GPU-only: bench lora).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save
+from safetensors.torch import load as load_bytes
+
+from app.config import Settings
+from app.families.flux import FAMILY as FLUX
+from app.fetch import FetchLimits
+from app.loading import load_pipeline
+from app.schema import parse_job
+from app.errors import InvalidInput
+from tests.helpers_net import http_server
+from weights.fp8 import FP8Linear
+from weights.lora_branch import LoRAFP8Linear, LoRALinear, branches
+from weights.quantize import quantize_denoiser
+
+TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.add_k_proj",
+           "transformer_blocks.0.ff.net.0.proj", "single_transformer_blocks.1.proj_mlp",
+           "single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.attn.to_k", "proj_out")
+JOB = {"prompt": "a red cat", "seed": 3, "num_inference_steps": 2}
+
+
+def lora_bytes(targets=TARGETS, rank=4, seed=0, alpha=None) -> bytes:
+    """A peft/diffusers-format LoRA (`transformer.<module>.lora_A/B.weight`) for the tiny FLUX's layers."""
+    ref = dict(FLUX.build_tiny().transformer.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name in targets:
+        mod = ref.get(name) or torch.nn.Linear(32, 32)
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.3
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.3
+        if alpha is not None:
+            state[f"transformer.{name}.alpha"] = torch.tensor(float(alpha))
+    return save(state)
+
+
+FILES = {"/a.safetensors": lora_bytes(seed=0), "/b.safetensors": lora_bytes(seed=1, rank=8, alpha=4),
+         "/other.safetensors": lora_bytes(targets=(TARGETS[0], "transformer_blocks.7.attn.to_q")),
+         "/big.safetensors": lora_bytes(rank=16)}
+
+
+class Files(BaseHTTPRequestHandler):
+    hits: list = []
+
+    def do_GET(self):
+        Files.hits.append(self.path)
+        body = FILES.get(self.path.split("?")[0])
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *a):
+        pass
+
+
+def fp8_loader(source, plan, cache_dir):
+    """The tiny pipeline with its denoiser in FP8 (as a baked FP8 model loads)."""
+    pipe = load_pipeline(source, plan, cache_dir)
+    quantize_denoiser(pipe.transformer, "fp8", FLUX.skips)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base():
+    with http_server(Files) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def svc(base, tmp_path_factory):
+    from app.service import Service
+
+    root = tmp_path_factory.mktemp("lora-svc")
+    s = Service.load(Settings(output_uri=str(root / "out"), device="cpu", preflight=False, warmup=False,
+                              loras=True, lora_max_rank=16, lora_cache=str(root / "cache")), loader=fp8_loader)
+    s.fetch_limits = FetchLimits(allow_networks=("127.0.0.1/32",))
+    return s
+
+
+def run(svc, job_id, **extra) -> tuple[dict, np.ndarray]:
+    result = svc.run({**JOB, **extra}, job_id)
+    assert "error" not in result, result
+    png = (svc.store.root / result["images"][0]["key"]).read_bytes()
+    return result, np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32)
+
+
+def inputs():
+    g = torch.Generator().manual_seed(5)
+    return dict(hidden_states=torch.randn(1, 64, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.7]),
+                img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+
+
+def forward(transformer):
+    with torch.no_grad():
+        return transformer(**inputs()).sample
+
+
+def rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """For each LoRA: the fp32 tiny FLUX (unfused, unquantized) with it loaded by diffusers itself, and that
+    LoRA fused by diffusers into the fp32 weights then quantized to FP8 (the bake's way): its error
+    against the first is what FP8 rounding alone costs."""
+    out = {}
+    for name, scale in (("a", 0.8), ("b", -1.5)):
+        pipe = FLUX.build_tiny()
+        out.setdefault("plain", forward(pipe.transformer))
+        pipe.load_lora_weights(load_bytes(FILES[f"/{name}.safetensors"]), adapter_name=name)
+        pipe.set_adapters([name], [scale])
+        out[name] = forward(pipe.transformer)
+        pipe.set_adapters([name], [1.0])
+        pipe.fuse_lora(lora_scale=scale, adapter_names=[name])
+        pipe.unload_lora_weights()
+        quantize_denoiser(pipe.transformer, "fp8", FLUX.skips)
+        out[f"{name}_fp8_err"] = rel(forward(pipe.transformer), out[name])
+    return out
+
+
+def test_the_branches_exist_beside_fp8_and_bf16_linears(svc):
+    found = branches(svc.pipe.transformer)
+    assert "transformer_blocks.0.attn.to_qkv" in found and "proj_out" in found
+    assert isinstance(found["transformer_blocks.0.attn.to_qkv"], LoRAFP8Linear)
+    assert isinstance(found["proj_out"], LoRALinear)  # the skip list's bf16 layer: a bf16 branch
+    assert found["transformer_blocks.0.attn.to_qkv"].lora_capacity == 3 * 16
+    assert not any(type(m) in (FP8Linear, torch.nn.Linear) for m in svc.pipe.transformer.modules())
+
+
+def test_a_lora_on_fp8_equals_diffusers_own_within_fp8_rounding(svc, base, reference):
+    for name, scale in (("a", 0.8), ("b", -1.5)):
+        result, _ = run(svc, f"ref-{name}", loras=[{"source": f"{base}/{name}.safetensors", "scale": scale}])
+        assert result["loras"][0]["scale"] == scale and result["loras"][0]["layers"] == len(TARGETS)
+        ours = forward(svc.pipe.transformer)
+        assert rel(reference["plain"], reference[name]) > 0.05  # the LoRA matters: a dropped one fails below
+        fp8_err = reference[f"{name}_fp8_err"]  # about 0.01 here
+        assert rel(ours, reference[name]) < 1.5 * fp8_err, (name, rel(ours, reference[name]), fp8_err)
+
+
+def test_loras_in_sequence_scale_zero_and_no_lora_leave_nothing_behind(svc, base):
+    a = {"source": f"{base}/a.safetensors", "scale": 0.8}
+    b = {"source": f"{base}/b.safetensors", "scale": -1.5}
+    _, plain = run(svc, "seq-plain")
+    _, with_a = run(svc, "seq-a", loras=[a])
+    _, with_b = run(svc, "seq-b", loras=[b])
+    _, both = run(svc, "seq-ab", loras=[a, b])
+    _, again_a = run(svc, "seq-a2", loras=[a])
+    _, zero = run(svc, "seq-zero", loras=[{**a, "scale": 0.0}])
+    result, after = run(svc, "seq-after")
+    assert np.abs(with_a - plain).mean() > 1 and np.abs(with_b - with_a).mean() > 1
+    assert np.abs(both - with_a).mean() > 1 and np.abs(both - with_b).mean() > 1
+    assert np.array_equal(again_a, with_a)  # b's branches were overwritten, not added to
+    assert np.array_equal(zero, plain) and np.array_equal(after, plain)
+    assert "loras" not in result
+
+
+def test_two_loras_sum_as_diffusers_adds_adapters(svc, base):
+    pipe = FLUX.build_tiny()
+    for name in ("a", "b"):
+        pipe.load_lora_weights(load_bytes(FILES[f"/{name}.safetensors"]), adapter_name=name)
+    pipe.set_adapters(["a", "b"], [0.5, 0.7])
+    want = forward(pipe.transformer)
+    run(svc, "sum", loras=[{"source": f"{base}/a.safetensors", "scale": 0.5},
+                           {"source": f"{base}/b.safetensors", "scale": 0.7}])
+    assert rel(forward(svc.pipe.transformer), want) < 0.02
+
+
+def test_the_second_use_is_a_disk_cache_hit(svc, base, tmp_path):
+    Files.hits.clear()
+    ref = {"source": f"{base}/a.safetensors?v=cache", "scale": 0.3}
+    r1, _ = run(svc, "cache-1", loras=[ref])
+    r2, _ = run(svc, "cache-2", loras=[ref])
+    assert Files.hits == ["/a.safetensors?v=cache"]  # fetched once
+    assert r1["loras"] == r2["loras"]
+    sha = r1["loras"][0]["sha256"]
+    assert (svc.loras.cache.file(sha)).read_bytes() == FILES["/a.safetensors"]
+    svc.loras._parsed.clear()  # a new process: the file is read from disk, nothing fetched
+    r3, _ = run(svc, "cache-3", loras=[{"source": f"{base}/gone.safetensors", "sha256": sha, "scale": 0.3}])
+    assert r3["loras"] == r1["loras"] and Files.hits == ["/a.safetensors?v=cache"]
+
+
+@pytest.mark.parametrize("path, extra, field, words", [
+    ("/other.safetensors", {}, "loras[0]", "targets layer transformer_blocks.7.attn.to_q"),
+    ("/big.safetensors", {}, "loras", "needs rank"),
+    ("/missing.safetensors", {}, "loras[0]", "HTTP 404"),
+    ("/a.safetensors", {"sha256": "0" * 64}, "loras[0]", "sha256 is"),
+])
+def test_a_lora_that_cannot_apply_fails_the_job_by_name(svc, base, path, extra, field, words):
+    run(svc, "before", loras=[{"source": f"{base}/a.safetensors", "scale": 0.8}])
+    held = {n: m.lora_B.clone() for n, m in svc.loras.slots.items()}
+    loras = [{"source": f"{base}{path}", **extra}]
+    if words == "needs rank":  # rank 16 x2 over the 16 of a plain layer (q/k/v pieces get 16 each)
+        loras = loras * 2
+    err = svc.run({**JOB, "loras": loras}, "bad")["error"]
+    assert err["type"] == "invalid_input" and err["field"] == field and words in err["message"], err
+    assert all(torch.equal(held[n], m.lora_B) for n, m in svc.loras.slots.items())  # nothing half-written
+
+
+def test_hostile_and_oversized_sources_are_refused(svc, base):
+    guarded = replace(svc.fetch_limits, allow_networks=())
+    svc.fetch_limits = guarded  # as deployed: loopback and private addresses refused
+    try:
+        for url in (f"{base}/a.safetensors?v=guard", "http://10.0.0.7/x.safetensors", "http://169.254.169.254/latest"):
+            err = svc.run({**JOB, "loras": [{"source": url}]}, "hostile")["error"]
+            assert err["field"] == "loras[0]" and "not allowed" in err["message"] or "refused" in err["message"], err
+    finally:
+        svc.fetch_limits = FetchLimits(allow_networks=("127.0.0.1/32",))
+    svc.lora_max_bytes = 1000
+    try:
+        err = svc.run({**JOB, "loras": [{"source": f"{base}/a.safetensors?v=big"}]}, "big")["error"]
+    finally:
+        del svc.lora_max_bytes
+    assert err["field"] == "loras[0]" and "LoRA file is" in err["message"] and "1000 byte limit" in err["message"]
+
+
+@pytest.mark.parametrize("loras, field, words", [
+    ([{"source": "org/some-lora"}], "loras[0].source", "hub ids are not fetched"),
+    ([{"source": "file:///etc/passwd"}], "loras[0].source", "scheme file: not allowed"),
+    ([{"source": "data:application/octet-stream;base64,AAAA"}], "loras[0].source", "not allowed"),
+    ([{"source": "https://x/a.safetensors", "scale": 9}], "loras[0].scale", "less than or equal to 4"),
+    ([{"source": "https://x/a.safetensors", "scale": float("nan")}], "loras[0].scale", "finite"),
+    ([{"source": "https://x/a.safetensors", "sha256": "abc"}], "loras[0].sha256", "pattern"),
+    ([{"source": "https://x/a.safetensors", "weight": 1}], "loras[0].weight", "unknown field"),
+    ([{"source": "https://x/a.safetensors"}] * 4, "loras", "at most 3"),
+])
+def test_the_contract_bounds_loras(loras, field, words):
+    with pytest.raises(InvalidInput) as e:
+        parse_job({**JOB, "loras": loras}, FLUX)
+    assert e.value.field == field and words in e.value.message, e.value.message
+
+
+def test_a_worker_without_loras_refuses_them(tmp_path):
+    from app.service import Service
+
+    s = Service.load(Settings(output_uri=str(tmp_path), device="cpu", preflight=False, warmup=False))
+    err = s.run({**JOB, "loras": [{"source": "https://example.com/a.safetensors"}]}, "no")["error"]
+    assert err["field"] == "loras" and "LORAS=1" in err["message"]
+    assert not branches(s.pipe.transformer)
