@@ -8,7 +8,10 @@ FP8 GEMMs up to their accumulation order; the GEMMs themselves are GPU-only: ben
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
 
@@ -147,31 +150,36 @@ def test_the_branches_exist_beside_fp8_and_bf16_linears(svc):
     assert not any(type(m) in (FP8Linear, torch.nn.Linear) for m in svc.pipe.transformer.modules())
 
 
-def test_a_lora_on_fp8_equals_diffusers_own_within_fp8_rounding(svc, base, reference):
-    for name, scale in (("a", 0.8), ("b", -1.5)):
-        result, _ = run(svc, f"ref-{name}", loras=[{"source": f"{base}/{name}.safetensors", "scale": scale}])
-        assert result["loras"][0]["scale"] == scale and result["loras"][0]["layers"] == len(TARGETS)
-        ours = forward(svc.pipe.transformer)
-        assert rel(reference["plain"], reference[name]) > 0.05  # the LoRA matters: a dropped one fails below
-        fp8_err = reference[f"{name}_fp8_err"]  # about 0.01 here
-        assert rel(ours, reference[name]) < 1.5 * fp8_err, (name, rel(ours, reference[name]), fp8_err)
+def use(svc, loras) -> list[dict]:
+    """The LoRA step of Service.run alone (its fetch, cache and writes), for checks that need no image."""
+    job = parse_job({**JOB, "loras": loras}, svc.family)
+    return svc.loras.use(job.loras or (), svc._lora_fetch(job, time.monotonic() + 30))
 
 
-def test_loras_in_sequence_scale_zero_and_no_lora_leave_nothing_behind(svc, base):
+def test_loras_in_sequence_equal_diffusers_own_and_leave_nothing_behind(svc, base, reference):
+    """Through Service.run: plain, a, b, a again (a cache hit), a at scale 0, plain again. With a LoRA the
+    denoiser equals diffusers' own load_lora_weights within FP8 rounding (that of the LoRA fused into
+    the weights, then quantized: the bake's way)."""
+    Files.hits.clear()
     a = {"source": f"{base}/a.safetensors", "scale": 0.8}
     b = {"source": f"{base}/b.safetensors", "scale": -1.5}
     _, plain = run(svc, "seq-plain")
-    _, with_a = run(svc, "seq-a", loras=[a])
-    _, with_b = run(svc, "seq-b", loras=[b])
-    _, both = run(svc, "seq-ab", loras=[a, b])
-    _, again_a = run(svc, "seq-a2", loras=[a])
+    images = {}
+    for name, ref in (("a", a), ("b", b)):
+        result, images[name] = run(svc, f"seq-{name}", loras=[ref])
+        assert result["loras"][0]["scale"] == ref["scale"] and result["loras"][0]["layers"] == len(TARGETS)
+        ours, fp8_err = forward(svc.pipe.transformer), reference[f"{name}_fp8_err"]  # fp8_err: about 0.01
+        assert rel(reference["plain"], reference[name]) > 0.05  # the LoRA matters: a dropped one fails below
+        assert rel(ours, reference[name]) < 1.5 * fp8_err, (name, rel(ours, reference[name]), fp8_err)
+    again, again_a = run(svc, "seq-a2", loras=[a])
     _, zero = run(svc, "seq-zero", loras=[{**a, "scale": 0.0}])
     result, after = run(svc, "seq-after")
-    assert np.abs(with_a - plain).mean() > 1 and np.abs(with_b - with_a).mean() > 1
-    assert np.abs(both - with_a).mean() > 1 and np.abs(both - with_b).mean() > 1
-    assert np.array_equal(again_a, with_a)  # b's branches were overwritten, not added to
+    assert np.abs(images["a"] - plain).mean() > 1 and np.abs(images["b"] - images["a"]).mean() > 1
+    assert np.array_equal(again_a, images["a"])  # b's branches were overwritten, not added to
     assert np.array_equal(zero, plain) and np.array_equal(after, plain)
-    assert "loras" not in result
+    assert "loras" not in result and "loras_ms" in result["timings"]
+    assert Files.hits == ["/a.safetensors", "/b.safetensors"]  # the second use of a: the cache's
+    assert again["loras"][0]["sha256"] == hashlib.sha256(FILES["/a.safetensors"]).hexdigest()
 
 
 def test_two_loras_sum_as_diffusers_adds_adapters(svc, base):
@@ -180,23 +188,32 @@ def test_two_loras_sum_as_diffusers_adds_adapters(svc, base):
         pipe.load_lora_weights(load_bytes(FILES[f"/{name}.safetensors"]), adapter_name=name)
     pipe.set_adapters(["a", "b"], [0.5, 0.7])
     want = forward(pipe.transformer)
-    run(svc, "sum", loras=[{"source": f"{base}/a.safetensors", "scale": 0.5},
-                           {"source": f"{base}/b.safetensors", "scale": 0.7}])
+    use(svc, [{"source": f"{base}/a.safetensors", "scale": 0.5}, {"source": f"{base}/b.safetensors", "scale": 0.7}])
     assert rel(forward(svc.pipe.transformer), want) < 0.02
 
 
-def test_the_second_use_is_a_disk_cache_hit(svc, base, tmp_path):
+def test_the_disk_cache_serves_a_known_source_or_hash_without_fetching(svc, base):
     Files.hits.clear()
     ref = {"source": f"{base}/a.safetensors?v=cache", "scale": 0.3}
-    r1, _ = run(svc, "cache-1", loras=[ref])
-    r2, _ = run(svc, "cache-2", loras=[ref])
-    assert Files.hits == ["/a.safetensors?v=cache"]  # fetched once
-    assert r1["loras"] == r2["loras"]
-    sha = r1["loras"][0]["sha256"]
-    assert (svc.loras.cache.file(sha)).read_bytes() == FILES["/a.safetensors"]
-    svc.loras._parsed.clear()  # a new process: the file is read from disk, nothing fetched
-    r3, _ = run(svc, "cache-3", loras=[{"source": f"{base}/gone.safetensors", "sha256": sha, "scale": 0.3}])
-    assert r3["loras"] == r1["loras"] and Files.hits == ["/a.safetensors?v=cache"]
+    first = use(svc, [ref])
+    svc.loras._parsed.clear()  # as a new process would: the file is read from disk
+    assert use(svc, [ref]) == first and Files.hits == ["/a.safetensors?v=cache"]
+    sha = first[0]["sha256"]
+    assert svc.loras.cache.file(sha).read_bytes() == FILES["/a.safetensors"]
+    assert use(svc, [{"source": f"{base}/gone.safetensors", "sha256": sha, "scale": 0.3}]) == first
+    assert Files.hits == ["/a.safetensors?v=cache"]
+
+
+def test_the_cache_evicts_the_least_recently_used(tmp_path):
+    from app.lora_cache import LoraCache
+
+    cache = LoraCache(tmp_path, max_bytes=2500)
+    for i, name in enumerate("xyz"):
+        cache.get(f"https://h/{name}", lambda: bytes([i]) * 1000)
+        os.utime(cache.file(hashlib.sha256(bytes([i]) * 1000).hexdigest()), (i, i))
+    kept = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(kept) == 2 and hashlib.sha256(bytes([0]) * 1000).hexdigest() + ".safetensors" not in kept
+    assert cache.get("https://h/y", lambda: 1 / 0)[2]  # still there: no fetch
 
 
 @pytest.mark.parametrize("path, extra, field, words", [
@@ -206,7 +223,7 @@ def test_the_second_use_is_a_disk_cache_hit(svc, base, tmp_path):
     ("/a.safetensors", {"sha256": "0" * 64}, "loras[0]", "sha256 is"),
 ])
 def test_a_lora_that_cannot_apply_fails_the_job_by_name(svc, base, path, extra, field, words):
-    run(svc, "before", loras=[{"source": f"{base}/a.safetensors", "scale": 0.8}])
+    use(svc, [{"source": f"{base}/a.safetensors", "scale": 0.8}])
     held = {n: m.lora_B.clone() for n, m in svc.loras.slots.items()}
     loras = [{"source": f"{base}{path}", **extra}]
     if words == "needs rank":  # rank 16 x2 over the 16 of a plain layer (q/k/v pieces get 16 each)
