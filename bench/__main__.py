@@ -2,6 +2,7 @@
                          [--out DIR] [--tiny --size 64 --steps 2]   (--tiny: app.tiny's models, e.g. on a CPU)
 python -m bench coldstart ...   (see bench/coldstart.py)
 python -m bench cost | capped [--tiny]   (price per image by GPU class; FLUX under a 24 GB cap)
+python -m bench lora [--tiny]   (per-job LoRA on FP8 FLUX through Service: plain vs LoRA vs switching)
 python -m bench video [--steps 3] [--tiny]   (see bench/video.py)
 Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
 
@@ -52,9 +53,11 @@ def main(argv=None) -> int:
     cold.add_argument("--baked", default=None, help="an existing baked folder (else one is baked first)")
     sub.add_parser("cost", help="USD per image by GPU class (no GPU needed; see bench/cost.py)", add_help=False)
     sub.add_parser("capped", help="FLUX under a 23.5 GiB cap through Service (see bench/capped.py)", add_help=False)
+    sub.add_parser("lora", help="per-job LoRA on FP8 FLUX: plain vs LoRA vs switching (see bench/lora.py)",
+                   add_help=False)
     if argv is None:
         argv = sys.argv[1:]
-    if argv and argv[0] in ("cost", "capped"):  # these parse their own arguments
+    if argv and argv[0] in ("cost", "capped", "lora"):  # these parse their own arguments
         import importlib
 
         return importlib.import_module(f"bench.{argv[0]}").main(argv[1:])
