@@ -302,3 +302,59 @@ def test_a_worker_without_loras_refuses_them(tmp_path):
     err = s.run({**JOB, "loras": [{"source": "https://example.com/a.safetensors"}]}, "no")["error"]
     assert err["field"] == "loras" and "LORAS=1" in err["message"]
     assert not branches(s.pipe.transformer)
+
+
+def small_model():
+    """Two FP8 linears with branches (rank 16), as the recipe leaves a block."""
+    from weights.fp8 import swap_linears
+    from weights.lora_branch import add_branches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    swap_linears(model, keep=lambda name: False)
+    assert add_branches(model, 16) == 2
+    return model
+
+
+def test_writing_a_lora_into_a_compiled_model_compiles_nothing():
+    """Dynamo guards on the tensors' metadata, not their values: in-place writes keep the graph (the
+    eager backend: the same tracing and guards, no Inductor codegen, so a CPU test stays cheap)."""
+    from app.optimize import graphs_compiled
+
+    model = small_model()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(8, 32)
+    plain = compiled(x)
+    before = graphs_compiled()
+    a, b = torch.randn(4, 32), torch.randn(64, 4)
+    model[0].write([(0, a, b)])
+    with_lora = compiled(x)
+    w = model[0].dequantized_weight().float() + b @ (model[0].lora_A[:4].float() * model[0].lora_A_scale[:4])
+    want = model[2](torch.nn.functional.gelu(x @ w.t() + model[0].bias))
+    assert torch.allclose(with_lora, want, atol=1e-5) and not torch.allclose(with_lora, plain)
+    model[0].clear()
+    assert torch.equal(compiled(x), plain)
+    assert graphs_compiled() == before
+
+
+def test_a_dtype_cast_moves_the_fp8_branch_without_casting_its_codes():
+    model = small_model()
+    model[0].write([(0, torch.randn(4, 32), torch.randn(64, 4))])
+    codes = model[0].lora_A.clone()
+    model.to(torch.bfloat16)
+    assert model[0].lora_A.dtype == codes.dtype and torch.equal(model[0].lora_A.view(torch.uint8), codes.view(torch.uint8))
+    assert model[0].lora_A_scale.dtype == torch.float32 and model[0].lora_B.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_the_fp8_branch_on_cuda_equals_its_dequantized_reference():
+    """The CUDA path (two row-scaled FP8 GEMMs and addmm) against x @ (W + B A)^T in fp32."""
+    model = small_model().to("cuda", torch.bfloat16)
+    lin = model[0]
+    lin.write([(0, torch.randn(16, 32) * 0.3, torch.randn(64, 16) * 0.3)])
+    x = torch.randn(256, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = lin(x).float()
+        a = lin.lora_A.float() * lin.lora_A_scale
+        want = x.float() @ (lin.dequantized_weight().float() + lin.lora_B.float() @ a).t() + lin.bias.float()
+    assert ((got - want).norm() / want.norm()).item() < 0.03  # x's e4m3 rounding (the main GEMM's too)
