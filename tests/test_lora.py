@@ -358,3 +358,40 @@ def test_the_fp8_branch_on_cuda_equals_its_dequantized_reference():
         a = lin.lora_A.float() * lin.lora_A_scale
         want = x.float() @ (lin.dequantized_weight().float() + lin.lora_B.float() @ a).t() + lin.bias.float()
     assert ((got - want).norm() / want.norm()).item() < 0.03  # x's e4m3 rounding (the main GEMM's too)
+
+
+def test_qwen_image_edit_takes_the_same_loras(tmp_path):
+    """The Qwen-Image family (its own diffusers LoRA loader, q/k/v unfused) through the same code: a
+    LoRA lands on the layers it names, exactly as W + s B A, and one for another model is refused."""
+    from app.families.qwen_image_edit import FAMILY as QWEN
+    from app.lora import Loras
+    from app.lora_cache import LoraCache
+    from app.schema import LoraRef
+    from weights.lora_branch import add_branches
+
+    family = QWEN[0]
+    pipe = family.build_tiny()
+    den = pipe.transformer
+    quantize_denoiser(den, "fp8", family.skips, fuse=family.fuse_qkv)
+    add_branches(den, 16)
+    loras = Loras(pipe, family, LoraCache(tmp_path, 1 << 20), 16)
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.img_mlp.net.2"]
+    g = torch.Generator().manual_seed(0)
+    mods = dict(den.named_modules())
+    state = {}
+    for n in names:
+        state[f"transformer.{n}.lora_A.weight"] = torch.randn(4, mods[n].in_features, generator=g)
+        state[f"transformer.{n}.lora_B.weight"] = torch.randn(mods[n].out_features, 4, generator=g)
+    blob = save(state)
+    records = loras.use([LoraRef(source="https://h/q.safetensors", scale=0.5)], lambda source, field: blob)
+    assert records[0]["layers"] == 3
+    lin = mods[names[0]]
+    x = torch.randn(5, lin.in_features)
+    a = state[f"transformer.{names[0]}.lora_A.weight"]
+    b = state[f"transformer.{names[0]}.lora_B.weight"]
+    want = x @ (lin.dequantized_weight().float() + 0.5 * b @ a).t() + lin.bias
+    assert rel(lin(x), want) < 0.04  # the e4m3 rounding of A (a LoRA as large as W here: about 0.023)
+    other = save({"transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight": torch.ones(4, 8),
+                  "transformer.transformer_blocks.0.ff.net.0.proj.lora_B.weight": torch.ones(8, 4)})
+    with pytest.raises(InvalidInput, match=r"loras\[0\]: targets layer transformer_blocks\.0\.ff\.net\.0\.proj"):
+        loras.use([LoraRef(source="https://h/flux.safetensors")], lambda source, field: other)
