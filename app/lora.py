@@ -26,7 +26,7 @@ import torch
 from loguru import logger
 
 from app.errors import InvalidInput, WorkerBroken
-from weights.lora_branch import branches
+from weights.lora_branch import branches, unwrap
 from weights.quantize import FUSED
 
 KEEP_PARSED = 4  # LoRAs kept read in host memory: a job reusing one skips the disk and the conversion
@@ -43,6 +43,7 @@ class Loras:
                                "diffusers", field="LORAS")
         self.prefix = getattr(self.pipeline_class, "transformer_name", None) or family.denoiser
         self.slots = branches(getattr(pipe, family.denoiser))
+        self.kinds = {n: type(m).__name__ for n, m in unwrap(getattr(pipe, family.denoiser)).named_modules()}
         self.cache, self.rank, self.model = cache, rank, type(getattr(pipe, family.denoiser)).__name__
         self.active: tuple = ()  # ((sha256, scale), ...) the branches hold now
         self.written: set[str] = set()  # branches holding a non-zero LoRA
@@ -113,6 +114,9 @@ class Loras:
             if attr in originals and slot is not None and slot.lora_pieces == len(originals):
                 rows = slot.out_features // len(originals)
                 return f"{parent}.{fused}" if parent else fused, originals.index(attr) * rows, rows
+        if module in self.kinds:  # a convolution (LoCon), a norm...: not what a branch sits beside
+            raise InvalidInput(f"{field}: targets layer {_short(module)}, a {self.kinds[module]}: a per-job LoRA "
+                               "adapts linear layers only", field=field)
         raise InvalidInput(f"{field}: targets layer {_short(module)}, which this {self.model} does not have "
                            "(a LoRA for another model?)", field=field)
 
@@ -132,9 +136,11 @@ def read_lora(path: Path, pipeline_class, prefix: str, field: str) -> Parsed:
     alphas = {}
     try:
         if "return_alphas" in inspect.signature(pipeline_class.lora_state_dict).parameters:
-            state, alphas = pipeline_class.lora_state_dict(state, return_alphas=True)
+            state = pipeline_class.lora_state_dict(state, return_alphas=True)
         else:
             state = pipeline_class.lora_state_dict(state)
+        if isinstance(state, tuple):  # (state, network alphas): FLUX's when asked, SDXL's always
+            state, alphas = state[0], state[1]
     except Exception as e:  # diffusers' converters raise ValueError, KeyError, IndexError... on odd files
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise InvalidInput(f"{field}: not a LoRA format diffusers reads for {pipeline_class.__name__}: "

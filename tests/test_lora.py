@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -395,3 +396,41 @@ def test_qwen_image_edit_takes_the_same_loras(tmp_path):
                   "transformer.transformer_blocks.0.ff.net.0.proj.lora_B.weight": torch.ones(8, 4)})
     with pytest.raises(InvalidInput, match=r"loras\[0\]: targets layer transformer_blocks\.0\.ff\.net\.0\.proj"):
         loras.use([LoraRef(source="https://h/flux.safetensors")], lambda source, field: other)
+
+
+def test_sdxl_takes_the_same_loras_exactly_on_its_bf16_unet(tmp_path):
+    """SDXL's UNet (diffusers' SDXL LoRA loader; no FP8 on the CPU path: the plain-linear branch) equals
+    diffusers' own load_lora_weights; a LoRA on one of its convolutions is refused naming it."""
+    from app.families.sdxl import FAMILY as SDXL
+    from app.lora import Loras
+    from app.lora_cache import LoraCache
+    from app.schema import LoraRef
+    from weights.lora_branch import add_branches
+
+    pipe = SDXL.build_tiny()
+    mods = dict(pipe.unet.named_modules())
+    names = [n for n in mods if n.endswith(("attn1.to_q", "attn2.to_k"))][:3]
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for n in names:
+        state[f"unet.{n}.lora_A.weight"] = torch.randn(4, mods[n].in_features, generator=g) * 0.5
+        state[f"unet.{n}.lora_B.weight"] = torch.randn(mods[n].out_features, 4, generator=g) * 0.5
+    inp = SDXL.denoiser_inputs(pipe, 256, 256)
+    with torch.no_grad():
+        plain = pipe.unet(**inp)[0]
+    pipe.load_lora_weights({k: v.clone() for k, v in state.items()}, adapter_name="x")
+    pipe.set_adapters(["x"], [0.7])
+    with torch.no_grad():
+        want = pipe.unet(**inp)[0]
+    pipe.unload_lora_weights()
+    add_branches(pipe.unet, 16)
+    loras = Loras(pipe, SDXL, LoraCache(tmp_path, 1 << 20), 16)
+    blob = save(state)
+    assert loras.use([LoraRef(source="https://h/s.safetensors", scale=0.7)], lambda s, f: blob)[0]["layers"] == 3
+    with torch.no_grad():
+        got = pipe.unet(**inp)[0]
+    assert rel(got, want) < 1e-5 < 0.05 < rel(plain, want)
+    conv = next(n for n, m in mods.items() if isinstance(m, torch.nn.Conv2d))
+    blob = save({f"unet.{conv}.lora_A.weight": torch.ones(4, 8), f"unet.{conv}.lora_B.weight": torch.ones(8, 4)})
+    with pytest.raises(InvalidInput, match=f"targets layer {re.escape(conv)}, a Conv2d"):
+        loras.use([LoraRef(source="https://h/c.safetensors")], lambda s, f: blob)

@@ -146,12 +146,16 @@ def add_branches(denoiser: nn.Module, rank: int) -> int:
     return done
 
 
+def unwrap(denoiser: nn.Module) -> nn.Module:
+    """The module inside a compiled or graphed wrapper (the one whose names a LoRA uses)."""
+    while type(denoiser).__name__ in WRAPPERS:
+        denoiser = getattr(denoiser, WRAPPERS[type(denoiser).__name__])
+    return denoiser
+
+
 def branches(denoiser: nn.Module) -> dict[str, Branch]:
-    """The branch-carrying linears by qualified name, looking inside a compiled or graphed wrapper."""
-    inner = denoiser
-    while type(inner).__name__ in WRAPPERS:
-        inner = getattr(inner, WRAPPERS[type(inner).__name__])
-    return {n: m for n, m in inner.named_modules() if isinstance(m, Branch)}
+    """The branch-carrying linears by qualified name."""
+    return {n: m for n, m in unwrap(denoiser).named_modules() if isinstance(m, Branch)}
 
 
 # torch.compile's whole-module wrapper, app.cudagraphs' replayer: the attribute holding the real module
