@@ -41,7 +41,8 @@ def random_lora(transformer, rank: int, seed: int) -> bytes:
               for n in SINGLE]
     for name in names:
         m = mods[name]
-        state[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5).bfloat16()
+        a = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
+        state[f"transformer.{name}.lora_A.weight"] = a.bfloat16()
         state[f"transformer.{name}.lora_B.weight"] = (torch.randn(m.out_features, rank, generator=g) * 0.01).bfloat16()
     return save(state)
 
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
     job = {"prompt": PROMPT, "width": size, "height": size, "num_inference_steps": steps, "seed": 0}
     source, build = _source_and_build(not cuda)
     work = tempfile.mkdtemp(prefix="bench-lora-")
-    base = dict(output_uri=f"{work}/out", job_timeout_s=3600, shapes=f"{size}x{size}", compile="regional" if cuda else "off",
-                device="cuda" if cuda else "cpu", cache_dir=work, preflight=cuda)
+    base = dict(output_uri=f"{work}/out", job_timeout_s=3600, shapes=f"{size}x{size}",
+                compile="regional" if cuda else "off", device="cuda" if cuda else "cpu", cache_dir=work, preflight=cuda)
     res = {"versions": versions(), "size": size, "steps": steps, "max_rank": args.max_rank, "lora_rank": args.lora_rank,
            "weights": "random"}
     workers = args.workers.split(",")
