@@ -79,6 +79,11 @@ class Files(BaseHTTPRequestHandler):
 
     def do_GET(self):
         Files.hits.append(self.path)
+        if self.path == "/redirect":  # to a private address: each hop is guarded
+            self.send_response(302)
+            self.send_header("Location", "http://10.0.0.7/x.safetensors")
+            self.end_headers()
+            return
         body = FILES.get(self.path.split("?")[0])
         self.send_response(200 if body else 404)
         self.send_header("Content-Type", "application/octet-stream")
@@ -267,11 +272,15 @@ def test_hostile_and_oversized_sources_are_refused(svc, base):
     guarded = replace(svc.fetch_limits, allow_networks=())
     svc.fetch_limits = guarded  # as deployed: loopback and private addresses refused
     try:
-        for url in (f"{base}/a.safetensors?v=guard", "http://10.0.0.7/x.safetensors", "http://169.254.169.254/latest"):
+        for url, kind in ((f"{base}/a.safetensors?v=guard", "a loopback address"),
+                          ("http://10.0.0.7/x.safetensors", "a private address"),
+                          ("http://169.254.169.254/latest", "a cloud metadata address")):
             err = svc.run({**JOB, "loras": [{"source": url}]}, "hostile")["error"]
-            assert err["field"] == "loras[0]" and "not allowed" in err["message"] or "refused" in err["message"], err
+            assert err["field"] == "loras[0]" and f"resolves to {kind}; refused" in err["message"], err
     finally:
         svc.fetch_limits = FetchLimits(allow_networks=("127.0.0.1/32",))
+    err = svc.run({**JOB, "loras": [{"source": f"{base}/redirect"}]}, "redirect")["error"]
+    assert err["field"] == "loras[0]" and "resolves to a private address; refused" in err["message"], err
     svc.lora_max_bytes = 1000
     try:
         err = svc.run({**JOB, "loras": [{"source": f"{base}/a.safetensors?v=big"}]}, "big")["error"]
