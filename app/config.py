@@ -73,6 +73,10 @@ class Settings(BaseModel):
     text_cache_mb: int = Field(12288, ge=0)
     text_buckets: bool = False  # T5 at the smallest of 128/256/384/512 tokens holding the prompt
     step_cache: Literal["off", "fbcache", "taylorseer", "magcache"] = "off"  # a job's `cache` when it sends none
+    loras: bool = False  # per-job LoRA: a zero low-rank branch beside every denoiser linear, built at start
+    lora_max_rank: int = Field(64, ge=16, le=512)  # the branches' rank (x3 on fused QKV); a multiple of 16
+    lora_cache: str | None = None  # LoRA files by content hash; None: CACHE_DIR/loras
+    lora_cache_mb: int = Field(4096, ge=16)
 
     @field_validator("log_level")
     @classmethod
@@ -81,6 +85,13 @@ class Settings(BaseModel):
         if v.upper() not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return v.upper()
+
+    @field_validator("lora_max_rank")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v % 16:  # torch._scaled_mm runs the branch's FP8 GEMM on multiples of 16 only
+            raise ValueError("must be a multiple of 16")
+        return v
 
     @field_validator("shapes", mode="before")
     @classmethod

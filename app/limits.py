@@ -17,6 +17,10 @@ image) live with the family in `app.families` because they depend on the model.
 | MAX_INPUT_IMAGE_BYTES    | 20 MiB       | an input image larger than this is not a photo             |
 | MAX_INPUT_IMAGE_PIXELS   | 4096 x 4096  | decompression-bomb guard, checked from the header          |
 | MAX_INPUT_REF_CHARS      | 8,192 chars  | an input image URL or s3:// key (data: URIs: the byte cap)  |
+| MAX_LORAS                | 3            | LoRAs per job (their ranks share the branches' LORA_MAX_RANK) |
+| MAX_LORA_BYTES           | 1 GiB        | one LoRA file (FLUX at rank 128 is about 1.3 GB in fp32, 650 MB in bf16) |
+| MAX_LORA_SCALE           | 4            | a LoRA's scale, either sign; past it images are noise       |
+| LORA_FETCH_DEADLINE_S    | 300 s        | one LoRA download, redirects included (cached after it)     |
 | FETCH_CONNECT_TIMEOUT_S  | 5 s          | per connection                                             |
 | FETCH_READ_TIMEOUT_S     | 10 s         | per read (a stalled server)                                |
 | FETCH_DEADLINE_S         | 30 s         | whole fetch, redirects included (a slow drip)              |
@@ -47,6 +51,11 @@ MAX_INPUT_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_INPUT_IMAGE_PIXELS = 4096 * 4096
 INPUT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_INPUT_REF_CHARS = 8192
+
+MAX_LORAS = 3
+MAX_LORA_BYTES = 1 << 30
+MAX_LORA_SCALE = 4.0
+LORA_FETCH_DEADLINE_S = 300.0
 
 FETCH_CONNECT_TIMEOUT_S = 5.0
 FETCH_READ_TIMEOUT_S = 10.0

@@ -9,6 +9,8 @@ Order (each step depends on the ones before it):
                     bf16; INT8 (sm_80/86) torchao dynamic int8, same skip list; a no-op when baked;
                     then (`fuse_gelu_quant`, with FP8) FLUX's MLP outputs go to FP8 in one kernel
                     (app.fused: bench/results/variants_h200_s3.json)
+  3b. lora          LORAS=1: a zero low-rank branch beside every denoiser linear (weights.lora_branch),
+                    overwritten per job in place, so the graphs compiled next serve every LoRA
   4. attention      the kernel chosen per GPU (app.attention)
   5. compile        regional (each repeated block class once: short compile; each block's forward,
                     so step-cache hooks wrap compiled blocks) | full | off;
@@ -42,6 +44,7 @@ class Recipe:
     dynamic: str = "auto"
     cuda_graphs: bool = False
     fuse_gelu_quant: bool = False
+    lora_rank: int = 0  # LORAS=1: the per-job LoRA branches' rank (weights.lora_branch); 0: none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,13 +54,14 @@ def choose_recipe(plan, settings, family=None) -> Recipe:
     """The recipe for a plan: everything on a CUDA GPU, nothing on the CPU (the tiny reference path).
 
     CUDA graphs follow CUDA_GRAPHS when it is set, else the family's default (`Family.cuda_graphs`)."""
+    lora = settings.lora_max_rank if getattr(settings, "loras", False) else 0
     if plan.device != "cuda":
-        return Recipe()
+        return Recipe(lora_rank=lora)
     quant = plan.precision if plan.precision in ("fp8", "int8") else "none"
     attention = settings.attention if settings.attention != "auto" else _auto_attention(plan.capability)
     graphs = settings.cuda_graphs if settings.cuda_graphs is not None else bool(family and family.cuda_graphs)
     return Recipe(fuse_qkv=True, quantize=quant, attention=attention, compile=settings.compile,
-                  dynamic=settings.dynamic, cuda_graphs=graphs, fuse_gelu_quant=quant == "fp8")
+                  dynamic=settings.dynamic, cuda_graphs=graphs, fuse_gelu_quant=quant == "fp8", lora_rank=lora)
 
 
 def _auto_attention(capability) -> str:
@@ -87,6 +91,13 @@ def _quantize(pipe, family, recipe):
         from app.fused import fuse_gelu_quant
 
         logger.info("GELU + FP8 quantization fused in {} blocks", fuse_gelu_quant(_denoiser(pipe, family)))
+
+
+def _lora(pipe, family, recipe):
+    from weights.lora_branch import add_branches
+
+    logger.info("LoRA branches (rank {}) on {} linears", recipe.lora_rank,
+                add_branches(_denoiser(pipe, family), recipe.lora_rank))
 
 
 def _attention(pipe, family, recipe):
@@ -156,6 +167,7 @@ def _cuda_graphs(pipe, family, recipe):
 STEPS = (
     ("fuse_qkv", lambda r: r.fuse_qkv, _fuse_qkv),
     ("quantize", lambda r: r.quantize != "none", _quantize),
+    ("lora", lambda r: r.lora_rank > 0, _lora),  # after quantizing (it wraps FP8Linear), before compiling
     ("attention", lambda r: r.attention != "native", _attention),
     ("compile", lambda r: r.compile != "off", _compile),
     ("cuda_graphs", lambda r: r.cuda_graphs, _cuda_graphs),
@@ -170,7 +182,7 @@ def apply_recipe(pipe, family, recipe: Recipe) -> dict:
             continue
         fam, tag = (family, "") if attr == family.denoiser else (replace(family, denoiser=attr), f"{attr}.")
         for name, wanted, step in STEPS:
-            if wanted(recipe):
+            if wanted(recipe) and not (tag and name == "lora"):  # per-job LoRA adapts the main denoiser
                 t0 = time.perf_counter()
                 step(pipe, fam, recipe)
                 applied[tag + name] = round((time.perf_counter() - t0) * 1000, 1)

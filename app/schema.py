@@ -12,6 +12,7 @@ only; `app.inputs` fetches and decodes them under app.fetch's guards before any 
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Annotated, Any, Literal
 
@@ -19,8 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, Valid
     model_validator
 
 from app.errors import InvalidInput
-from app.limits import MAX_FPS, MAX_FRAMES, MAX_IMAGES, MAX_INPUT_IMAGE_BYTES, MAX_INPUT_REF_CHARS, MAX_OUTPUT_BYTES, \
-    MAX_PROMPT_CHARS, MAX_STEPS, output_bytes_bound, video_bytes_bound
+from app.limits import MAX_FPS, MAX_FRAMES, MAX_IMAGES, MAX_INPUT_IMAGE_BYTES, MAX_INPUT_REF_CHARS, MAX_LORA_SCALE, \
+    MAX_LORAS, MAX_OUTPUT_BYTES, MAX_PROMPT_CHARS, MAX_STEPS, output_bytes_bound, video_bytes_bound
 
 Int = Annotated[int, Strict()]  # "512" or true are refused: JSON callers send numbers
 Float = Annotated[float, Strict()]  # 3 and 3.5 pass; "3.5", true and b"3" are refused like for Int
@@ -47,6 +48,32 @@ def _image_ref(v: str) -> str:
 
 
 ImageRef = Annotated[str, Strict(), AfterValidator(_image_ref)]
+LORA_SCHEMES = ("https", "http", "s3")
+
+
+def _lora_source(v: str) -> str:
+    """A LoRA file's URL or s3:// object. A hub id would need the network at job time: refused."""
+    scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+    if scheme not in LORA_SCHEMES:
+        if not scheme and re.fullmatch(r"[\w.-]+/[\w.-]+(/.*)?", v):
+            raise ValueError("hub ids are not fetched per job: give an https:// or s3:// URL of the "
+                             ".safetensors file (e.g. https://huggingface.co/OWNER/NAME/resolve/REV/FILE)")
+        shown = _safe_field(v.split(":", 1)[0])[:16] + ":" if ":" in v else "(none)"
+        raise ValueError(f"scheme {shown} not allowed (use https://, http:// or s3://)")
+    if len(v) > MAX_INPUT_REF_CHARS:
+        raise ValueError(f"URL is longer than {MAX_INPUT_REF_CHARS} characters")
+    return v
+
+
+class LoraRef(BaseModel):
+    """One LoRA of a job: its file and its weight; `sha256` pins the content (checked, and a cache hit
+    without any fetch when the worker has that file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Annotated[str, Strict(), AfterValidator(_lora_source)]
+    scale: Float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
 class Job(BaseModel):
@@ -73,6 +100,7 @@ class Job(BaseModel):
     fps: Int | None = Field(None, ge=1, le=MAX_FPS)
     # opt-in step caching (app.step_cache); None: the worker's STEP_CACHE, "off" opts out of it
     cache: Literal["off", "fbcache", "taylorseer", "magcache"] | None = None
+    loras: list[LoraRef] | None = Field(None, max_length=MAX_LORAS)  # the worker needs LORAS=1
 
     @model_validator(mode="before")
     @classmethod
@@ -325,6 +353,12 @@ class Cost(BaseModel):
     usd: float
 
 
+class LoraOut(BaseModel):
+    sha256: str
+    scale: float
+    layers: int
+
+
 class JobResult(BaseModel):
     images: list[ImageOut]
     videos: list[VideoOut] | None = None  # a video family's outputs (images is then empty)
@@ -332,6 +366,7 @@ class JobResult(BaseModel):
     timings: dict[str, float | str]  # phase ms; text_cache: hit | miss | off
     cost: Cost
     cold_start: dict[str, float | str] | None = None  # phase ms, and the memory plan's name
+    loras: list[LoraOut] | None = None  # the LoRAs applied, job order (their content hash, not their URL)
 
 
 class ErrorBody(BaseModel):

@@ -17,9 +17,9 @@ from loguru import logger
 from app.config import Settings
 from app.cost import job_cost
 from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerBroken, WorkerError
-from app.fetch import FetchLimits
+from app.fetch import FetchLimits, fetch_bytes
 from app.inputs import load_inputs
-from app.limits import MAX_OUTPUT_BYTES
+from app.limits import LORA_FETCH_DEADLINE_S, MAX_LORA_BYTES, MAX_OUTPUT_BYTES
 from app.loading import load_pipeline
 from app.logs import redact
 from app.outputs import Encoded
@@ -48,6 +48,7 @@ class Service:
     # How input images are fetched. Never from the environment: tests open the address guard's seam on
     # an instance (FetchLimits.allow_networks), no deployment can.
     fetch_limits: FetchLimits = FetchLimits()
+    lora_max_bytes: int = MAX_LORA_BYTES  # one LoRA file's cap (tests lower it on an instance)
 
     def __init__(self, pipe, source: ModelSource, settings: Settings, plan: Plan, store: OutputStore,
                  cold_start: dict):
@@ -68,6 +69,7 @@ class Service:
         self.warmed: list = []
         # why a step cache cannot run here (None: it can); load refines it with the recipe (CUDA graphs)
         self.step_cache_blocked = unsupported(getattr(pipe, self.family.denoiser), None)
+        self.loras = None  # app.lora.Loras on a worker started with LORAS=1
 
     @property
     def job_timeout_s(self) -> float:
@@ -110,6 +112,8 @@ class Service:
         with timed(phases, "optimize_ms"):
             apply_recipe(pipe, family, recipe)
             memory.finish(pipe, family, plan)
+            if recipe.lora_rank:
+                service.loras = _loras(pipe, family, settings, recipe.lora_rank)
         compiled = service.compiled = recipe.compile != "off"
         service.recipe = recipe
         service.step_cache_blocked = unsupported(getattr(pipe, family.denoiser), recipe)
@@ -155,12 +159,20 @@ class Service:
         with timed(timings, "validate_ms"):
             job = self._with_step_cache(parse_job(raw, self.family))
             _check_job_id(self.store, job_id)  # before any GPU work: the outputs are stored under it
+            if job.loras and self.loras is None:
+                raise InvalidInput("loras: this worker takes no per-job LoRA (it starts with LORAS=1 to take them)",
+                                   field="loras")
         inputs = None
         if job.inputs:  # fetched and decoded before any GPU work; the size may follow the first image
             with timed(timings, "inputs_ms"):
                 deadline = time.monotonic() + self.job_timeout_s - (time.perf_counter() - t0)
                 inputs = load_inputs(job, self._fetch_limits(job), deadline)
                 job = job.with_size(*self.family.output_size(job, inputs))
+        applied = None
+        if self.loras is not None:  # a job without LoRAs clears the last job's
+            with timed(timings, "loras_ms"):
+                deadline = time.monotonic() + self.job_timeout_s - (time.perf_counter() - t0)
+                applied = self.loras.use(job.loras or (), self._lora_fetch(job, deadline))
         logger.info("job: {} {}x{}{}, {} steps, {} output(s)", self.family.task(bool(job.inputs)), job.width,
                     job.height, f"x{job.num_frames} frames" if job.num_frames else "", job.num_inference_steps,
                     job.num_images)
@@ -177,7 +189,7 @@ class Service:
         videos = [entry for entry, enc in zip(stored, encoded) if enc.kind == "videos"]
         result = JobResult(images=[entry for entry, enc in zip(stored, encoded) if enc.kind == "images"],
                            videos=videos or None, model=self.source.id, timings=timings, cost=cost,
-                           cold_start=self.cold_start)
+                           cold_start=self.cold_start, loras=applied or None)
         self.cold_start = None
         logger.info("job done in {} ms", timings["total_ms"])
         return result.model_dump(exclude_none=True)
@@ -201,10 +213,25 @@ class Service:
             raise InvalidInput(f"cache: {name} cannot run on this worker: {why}", field="cache")
         return job if job.cache == name else job.model_copy(update={"cache": name})
 
-    def _fetch_limits(self, job: Job) -> FetchLimits:
+    def _lora_fetch(self, job: Job, deadline: float):
+        """`fetch(source, field)`: a LoRA file's bytes under the input guard, its own size cap and the
+        smaller of its own deadline and what is left of the job's."""
+        refs = [ref.source for ref in job.loras or ()]
+        base = replace(self._fetch_limits(job, refs), max_bytes=self.lora_max_bytes, formats=(), what="LoRA file")
+
+        def fetch(source: str, field: str) -> bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobFailed(f"{field}: no time left to fetch it within the job's deadline", field=field)
+            return fetch_bytes(source, replace(base, deadline_s=min(LORA_FETCH_DEADLINE_S, left)), field)
+
+        return fetch
+
+    def _fetch_limits(self, job: Job, refs=None) -> FetchLimits:
         """The fetch limits with the worker's S3 client when the job reads an s3:// input (made once)."""
         limits = self.fetch_limits
-        if limits.s3_client is None and any(ref[:5].lower() == "s3://" for ref in job.inputs):
+        refs = job.inputs if refs is None else refs
+        if limits.s3_client is None and any(ref[:5].lower() == "s3://" for ref in refs):
             if self._s3 is None:
                 self._s3 = s3_client(limits.connect_timeout_s, limits.read_timeout_s, max_attempts=3)
             limits = replace(limits, s3_client=self._s3)
@@ -332,6 +359,17 @@ def _check_job_id(store, job_id) -> None:
         object_key(store_prefix(store), job_id, 0, "png")
     except JobFailed as e:
         raise InvalidInput(f"id: {e.message}", field="id") from None
+
+
+def _loras(pipe, family, settings: Settings, rank: int):
+    """The per-job LoRA state of a LORAS=1 worker, its files cached under LORA_CACHE."""
+    from pathlib import Path
+
+    from app.lora import Loras
+    from app.lora_cache import LoraCache
+
+    root = settings.lora_cache or str(Path(settings.cache_dir) / "loras")
+    return Loras(pipe, family, LoraCache(root, settings.lora_cache_mb << 20), rank)
 
 
 def _warmup_jobs(family, shapes) -> list:

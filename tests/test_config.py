@@ -22,7 +22,7 @@ def test_every_field_is_read_from_its_upper_case_variable():
            "PRECISION": "bf16", "COMPILE": "off", "DYNAMIC": "all", "ATTENTION": "cudnn", "CUDA_GRAPHS": "1", "SHAPES": "512x512", "COMPILE_CACHE_URI": "s3://b/cc",
            "WEIGHTS_URI": "s3://b/w", "CACHE_DIR": "/c", "JOB_TIMEOUT_S": "12.5", "PREFLIGHT": "0",
            "WARMUP": "false", "HF_OFFLINE": "true", "MEMORY_PLAN": "offload-text", "TEXT_ENCODERS": "fp8",
-           "PREFETCH_WEIGHTS": "0", "TEXT_CACHE_MB": "0", "TEXT_BUCKETS": "1", "STEP_CACHE": "fbcache"}
+           "PREFETCH_WEIGHTS": "0", "TEXT_CACHE_MB": "0", "TEXT_BUCKETS": "1", "STEP_CACHE": "fbcache", "LORAS": "1", "LORA_MAX_RANK": "32", "LORA_CACHE": "/l", "LORA_CACHE_MB": "100"}
     assert {f.upper() for f in Settings.model_fields} == set(env)
     s = Settings.from_env(env)
     assert s.model_dump() == dict(
@@ -30,11 +30,13 @@ def test_every_field_is_read_from_its_upper_case_variable():
         gpu_price_per_hour=2.5, log_format="json", log_level="DEBUG", device="cpu", precision="bf16",
         compile="off", dynamic="all", attention="cudnn", cuda_graphs=True, shapes=[(512, 512)], compile_cache_uri="s3://b/cc", weights_uri="s3://b/w",
         cache_dir="/c", job_timeout_s=12.5, preflight=False, warmup=False, memory_plan="offload-text",
-        text_encoders="fp8", prefetch_weights=False, text_cache_mb=0, text_buckets=True, step_cache="fbcache")
+        text_encoders="fp8", prefetch_weights=False, text_cache_mb=0, text_buckets=True, step_cache="fbcache",
+        loras=True, lora_max_rank=32, lora_cache="/l", lora_cache_mb=100)
 
 
 @pytest.mark.parametrize("name,value", [("MEMORY_PLAN", "offload"), ("TEXT_ENCODERS", "int8"),
-                                        ("TEXT_CACHE_MB", "-1"), ("STEP_CACHE", "teacache")])
+                                        ("TEXT_CACHE_MB", "-1"), ("STEP_CACHE", "teacache"),
+                                        ("LORA_MAX_RANK", "40"), ("LORA_MAX_RANK", "8")])
 def test_a_memory_setting_out_of_its_choices_is_refused_by_name(name, value):
     with pytest.raises(WorkerBroken) as e:
         Settings.from_env({name: value})

@@ -86,6 +86,10 @@ def plan_for(capability, name="gpu"):
     ((9, 0), Settings(cuda_graphs=True),
      Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional", cuda_graphs=True, fuse_gelu_quant=True)),
     (None, Settings(cuda_graphs=True), Recipe()),  # never on the CPU
+    # LORAS=1: the branches at LORA_MAX_RANK, on the CPU too (the tests' reference path)
+    ((9, 0), Settings(loras=True, lora_max_rank=32),
+     Recipe(fuse_qkv=True, quantize="fp8", attention="fa3", compile="regional", fuse_gelu_quant=True, lora_rank=32)),
+    (None, Settings(loras=True), Recipe(lora_rank=64)),
 ])
 def test_choose_recipe_per_plan(capability, settings, expected):
     assert choose_recipe(plan_for(capability), settings) == expected
@@ -228,16 +232,17 @@ def test_fp8_recipe_is_idempotent(name):
 
 def test_steps_run_in_the_documented_order():
     """fuse before quantize (else the fused to_qkv would be born bf16), attention on the quantized
-    model, compile after them (it traces the final modules), CUDA graphs last (they
-    record what compile produced)."""
-    assert [s[0] for s in STEPS] == ["fuse_qkv", "quantize", "attention", "compile", "cuda_graphs"]
+    model, the LoRA branches beside the quantized linears, compile after them (it traces the final
+    modules), CUDA graphs last (they record what compile produced)."""
+    assert [s[0] for s in STEPS] == ["fuse_qkv", "quantize", "lora", "attention", "compile", "cuda_graphs"]
     pipe, family = tiny("flux")
     full = Recipe(fuse_qkv=True, quantize="fp8", attention="cudnn", compile="regional",
-                  cuda_graphs=True, fuse_gelu_quant=True)
+                  cuda_graphs=True, fuse_gelu_quant=True, lora_rank=16)
     applied = apply_recipe(pipe, family, full)  # compile only wraps the blocks; nothing runs here
     assert list(applied) == [s[0] for s in STEPS]
     block = pipe.transformer.transformer_blocks[0]
     assert isinstance(block.attn.to_qkv, FP8Linear) and _compiled(block)
+    assert block.attn.to_qkv.lora_capacity == 3 * 16  # q, k and v pieces: a rank each
 
 
 # ---- fidelity ---------------------------------------------------------------------------------------

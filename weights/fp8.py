@@ -68,11 +68,13 @@ class FP8Linear(nn.Module):
         q.bias = None if lin.bias is None else lin.bias.data
         return q
 
+    CODES = ("weight", "weight_scale")  # buffers a dtype cast moves but never converts (see _apply)
+
     def _apply(self, fn, recurse=True):
         """`module.to(dtype)` / `.half()` must move the codes and scales, never cast them: float8 counts
         as a floating dtype, so a pipeline-wide `.to(torch.bfloat16)` would otherwise turn the codes into
         numbers (noise) and round the fp32 scales. The output dtype follows the cast."""
-        kept = {n: getattr(self, n) for n in ("weight", "weight_scale")}
+        kept = {n: getattr(self, n) for n in self.CODES}
         super()._apply(fn, recurse)
         for n, old in kept.items():
             new = getattr(self, n)

@@ -34,13 +34,13 @@ def read_capped(read: Callable[[], bytes], conn, limits: FetchLimits, field: str
             return bytes(buf)
         buf += chunk
         if len(buf) > limits.max_bytes:
-            raise InvalidInput(f"{field}: image is over the {limits.max_bytes} byte limit", field=field)
+            raise InvalidInput(f"{field}: {limits.what} is over the {limits.max_bytes} byte limit", field=field)
 
 
 def check_type(content_type: str | None, limits: FetchLimits, field: str) -> None:
     """Refuse a declared type that is not an allowed image (HTML error pages, scripts, archives)."""
     mime = (content_type or "").split(";")[0].strip().lower()
-    if not mime or mime in GENERIC_TYPES:
+    if not mime or mime in GENERIC_TYPES or not limits.formats:
         return  # undeclared: the bytes are checked by decode_image
     if MIME_TYPES.get(mime) not in limits.formats:
         raise InvalidInput(f"{field}: content type {mime[:60]} is not an allowed image type "

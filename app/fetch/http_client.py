@@ -89,7 +89,7 @@ def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: 
     try:
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         conn.request("GET", path, headers={"User-Agent": "diffusion-worker", "Accept-Encoding": "identity",
-                                           "Accept": ", ".join(sorted(MIME_TYPES))})
+                                           "Accept": ", ".join(sorted(MIME_TYPES)) if limits.formats else "*/*"})
         conn.sock.settimeout(read_timeout(limits, deadline))
         resp = conn.getresponse()
         if resp.status in REDIRECTS:
@@ -103,7 +103,7 @@ def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: 
         check_type(resp.getheader("Content-Type"), limits, field)
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > limits.max_bytes:
-            raise InvalidInput(f"{field}: image is {int(length)} bytes, over the {limits.max_bytes} byte limit",
+            raise InvalidInput(f"{field}: {limits.what} is {int(length)} bytes, over the {limits.max_bytes} byte limit",
                                field=field)
         return read_capped(lambda: resp.read1(READ_CHUNK_BYTES), conn, limits, field, deadline), None
     except (socket.timeout, TimeoutError):

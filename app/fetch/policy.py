@@ -41,6 +41,7 @@ class FetchLimits:
     resolver: Callable[[str, int], list[str]] = system_resolver
     ssl_context: ssl.SSLContext | None = None  # None: the system's trust store, hostname checked
     s3_client: object | None = None  # None: app.storage.s3_client() from boto3's environment
+    what: str = "image"  # what the bytes are, as errors name them ("LoRA file")
 
 
 def describe(ref: str) -> str:

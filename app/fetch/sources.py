@@ -19,7 +19,7 @@ def fetch_data(ref: str, limits: FetchLimits, field: str) -> bytes:
         raise InvalidInput(f"{field}: data: URI must be base64 (data:image/png;base64,...)", field=field)
     check_type(header[: -len(";base64")] or None, limits, field)
     if len(payload) > (limits.max_bytes + 2) // 3 * 4:
-        raise InvalidInput(f"{field}: image is over the {limits.max_bytes} byte limit", field=field)
+        raise InvalidInput(f"{field}: {limits.what} is over the {limits.max_bytes} byte limit", field=field)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -42,7 +42,7 @@ def fetch_s3(ref: str, limits: FetchLimits, field: str, deadline: float) -> byte
         head = client.head_object(Bucket=bucket, Key=key)
         check_type(head.get("ContentType"), limits, field)
         if head.get("ContentLength", 0) > limits.max_bytes:
-            raise InvalidInput(f"{field}: image is {head['ContentLength']} bytes, over the {limits.max_bytes} "
+            raise InvalidInput(f"{field}: {limits.what} is {head['ContentLength']} bytes, over the {limits.max_bytes} "
                                "byte limit", field=field)
         # The Range caps what the store sends even if the object grew since the HEAD.
         body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limits.max_bytes}")["Body"]
