@@ -61,7 +61,7 @@ def test_stock_and_ours_figures(latency_run, name):
     graphs = name == "sdxl"  # the family's default, as the worker applies it when CUDA_GRAPHS is unset
     assert r["recipe"] == {"fuse_qkv": True, "quantize": "fp8", "attention": "native",
                            "compile": "off", "dynamic": "auto", "cuda_graphs": graphs,
-                           "fuse_gelu_quant": True}
+                           "fuse_gelu_quant": True, "lora_rank": 0}
     assert list(r["ours"]["apply_ms"]) == ["fuse_qkv", "quantize"] + ["cuda_graphs"] * graphs
     # On a CPU the graphed denoiser passes calls straight through: replay and plain runs must agree.
     assert r["ours"].get("graph_vs_plain_rel_err") == (0.0 if graphs else None)
