@@ -44,7 +44,8 @@ def test_capped_tiny_runs_every_section_through_service(tmp_path, monkeypatch):
         assert [j["sha256"] for j in f["capped"]["jobs"]] == [j["sha256"] for j in f["uncapped"]["jobs"]]
     assert len({j["sha256"] for j in qwen["capped"]["jobs"]}) == 3  # and the jobs differ from each other
     assert [(j["steps"], j["guidance"]) for j in qwen["capped"]["jobs"]] == [(2, 1.0), (2, 4.0), (3, 4.0)]
-    assert qwen["capped"]["cfg40_estimate_s"] > 0 and qwen["capped_over_uncapped"] > 0
+    # a difference of two CPU timings: its sign is noise here, its presence is the plumbing
+    assert isinstance(qwen["capped"]["cfg40_estimate_s"], float) and qwen["capped_over_uncapped"] > 0
     assert flux["capped_over_uncapped"] > 0 and "rtx4090_estimate" not in flux  # the estimate is a GPU figure
     assert all(flux["text_fp8"]["swapped_linears"].values()) and 0 < flux["text_fp8"]["latents_rel_err"] < 0.05
     assert res["int8"]["int8"]["quantized_linears"] > 0 and 0 < res["int8"]["int8"]["rel_err_vs_bf16"] < 0.05
