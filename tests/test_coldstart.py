@@ -32,12 +32,13 @@ def test_first_jobs_table_through_service_run(tiny_flux_service):
     """A row: the first run and the warmed run, each with the result's timings and the graphs compiled,
     and the rule's word for it; a row that would start past the deadline is listed as skipped."""
     out = first_jobs(tiny_flux_service, [(272, 256, 2), (288, 256, 1)], time.time() + 0.5, steps=1)
-    [row] = out["rows"]
+    row = out["rows"][0]  # the second row fits in 0.5 s on a fast machine, or is skipped on a slow one
+    assert len(out["rows"]) + len(out["skipped"]) == 2 and out["skipped"] in ([], ["288x256x1"])
     assert (row["size"], row["num_images"], row["rule"]) == ("272x256", 2, "none")
     for run in ("first", "warm"):
         t = row[run]["timings"]
         assert t["total_ms"] >= t["inference_ms"] > 0 and row[run]["graphs_compiled"] == 0
-    assert row["first_over_warm"] > 0 and out["skipped"] == ["288x256x1"]
+    assert row["first_over_warm"] > 0
     text = format_table({"warm_cache": {"first_jobs": out}, "dynamic": "auto"})
     assert "| 272x256 | 2 | none |" in text and "skipped (--budget): 288x256x1" in text
 
