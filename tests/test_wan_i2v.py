@@ -153,8 +153,13 @@ def test_same_seed_same_frames_other_seed_other_frames(wan_service):
     a = wan_service.run({"prompt": "a cat", "image": IMAGE, "seed": 5}, "job-a")
     b = wan_service.run({"prompt": "a cat", "image": IMAGE, "seed": 5}, "job-b")
     root = wan_service.settings.output_uri
+    # The frames are the same (above, and the lossless PNG posters); the MP4 is not always the same bytes:
+    # x264 in PyAV's FFmpeg gave two encodings of identical frames, a few levels apart, in some runs.
+    pa, pb = (open(f"{root}/{r['videos'][0]['poster']['key']}", "rb").read() for r in (a, b))
+    assert pa == pb
     fa, fb = (decode(f"{root}/{r['videos'][0]['key']}")[0] for r in (a, b))
-    assert all(x.tobytes() == y.tobytes() for x, y in zip(fa, fb)) and len(fa) == 9
+    gap = max(float(np.abs(x.astype(float) - y.astype(float)).mean()) for x, y in zip(fa, fb))
+    assert len(fa) == len(fb) == 9 and gap < 1.5, gap
 
 
 def test_animated_webp_has_every_frame(wan_service):
