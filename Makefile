@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 demo: $(STAMP)
 	$(PY) -m app run '{"prompt": "a red sneaker on a beach", "seed": 7}'
 
-# Two workers, one test file each at a time (module fixtures are built once): 259 s here against 420-700 s serial.
+# Two workers, one test file each at a time, so module-scoped fixtures are built once per file.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
