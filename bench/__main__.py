@@ -3,6 +3,7 @@
 python -m bench coldstart [--tiny] [--budget 570] [--dynamic off|auto|all] [--runs ...]   (see bench/coldstart.py)
 python -m bench cost | capped [--tiny]   (price per image by GPU class; FLUX, Qwen-Image-Edit-Plus under a 24 GB cap, INT8)
 python -m bench lora [--tiny]   (per-job LoRA on FP8 FLUX through Service: plain vs LoRA vs switching)
+python -m bench aot_probe   (AOTInductor package load, stage by stage, and the precompile switches)
 python -m bench video [--steps 3] [--tiny]   (see bench/video.py)
 python -m bench edit [--sections ...] [--budget S] [--tiny]   (see bench/edit.py, bench/edit_e2e.py)
 Run on a GPU machine; results land in bench/results/ (and $OUT when set)."""
@@ -74,9 +75,11 @@ def main(argv=None) -> int:
     sub.add_parser("capped", help="FLUX and Qwen-Image-Edit-Plus under a 23.5 GiB cap through Service, INT8 vs bf16 (see bench/capped.py)", add_help=False)
     sub.add_parser("lora", help="per-job LoRA on FP8 FLUX: plain vs LoRA vs switching (see bench/lora.py)",
                    add_help=False)
+    sub.add_parser("aot_probe", help="why aoti_load_package crashes here, stage by stage (see bench/aot_probe.py)",
+                   add_help=False)
     if argv is None:
         argv = sys.argv[1:]
-    if argv and argv[0] in ("cost", "capped", "lora"):  # these parse their own arguments
+    if argv and argv[0] in ("cost", "capped", "lora", "aot_probe"):  # these parse their own arguments
         import importlib
 
         return importlib.import_module(f"bench.{argv[0]}").main(argv[1:])

@@ -271,3 +271,17 @@ def test_video_bench_plumbing_on_the_tiny_wan_model(tmp_path, monkeypatch):
     assert order == ["ours_480p", "e2e_4step_480p", "ours_720p", "stock_eager_480p"]  # the goals' figures first
     assert set(res["goals"]) == {"cfg_step_480p_s<=4.0", "e2e_4step_480p_s<=14", "peak_480p_GiB<=40"}
     assert "ours_480p" in res["stock_eager_480p"]["ours_speedup"]
+
+
+def test_lora_bench_plumbing_on_the_tiny_flux(tmp_path):
+    """`bench lora --tiny` end to end: both workers, every job, the summary, the JSON under --out only."""
+    from bench.lora import main
+
+    before = _results_snapshot()
+    assert main(["--tiny", "--out", str(tmp_path)]) == 0
+    assert _results_snapshot() == before
+    (path,) = tmp_path.glob("lora_tiny_*.json")
+    res = json.loads(path.read_text())
+    assert set(res["loras"]["jobs"]) == {"plain", "a_first", "a", "a2", "switch_b", "switch_a", "plain_after"}
+    assert res["summary"]["graphs_compiled_by_lora_jobs"] == 0
+    assert res["loras"]["branches"] > 0 and res["loras"]["jobs"]["a_first"]["loras_ms"] > 0
