@@ -97,8 +97,9 @@ def main(argv=None) -> int:
         r = res["stages"][name] = _run(code.format(**fill))
         print(name, r["rc"], flush=True)
         gdb = shutil.which("cuda-gdb")
-        if r["rc"] not in (0, "timeout") and gdb:
-            r["cuda_gdb"] = _run(code.format(**fill), timeout=240,
+        first_crash = not any("cuda_gdb" in v for v in res["stages"].values())
+        if r["rc"] not in (0, "timeout") and gdb and first_crash:  # one native backtrace: the earliest stage
+            r["cuda_gdb"] = _run(code.format(**fill), timeout=100,
                                  prefix=[gdb, "-batch", "-ex", "run", "-ex", "bt 40", "-ex", "info sharedlibrary",
                                          "--args"])
             r["cuda_gdb"]["tail"] = r["cuda_gdb"]["tail"][-8000:]
