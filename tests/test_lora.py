@@ -29,6 +29,8 @@ from app.fetch import FetchLimits
 from app.loading import load_pipeline
 from app.schema import parse_job
 from app.errors import InvalidInput
+from tests import helpers_flux
+from tests.helpers_flux import rel
 from tests.helpers_net import http_server
 from weights.fp8 import FP8Linear
 from weights.lora_branch import LoRAFP8Linear, LoRALinear, branches
@@ -126,20 +128,8 @@ def run(svc, job_id, **extra) -> tuple[dict, np.ndarray]:
     return result, np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32)
 
 
-def inputs():
-    g = torch.Generator().manual_seed(5)
-    return dict(hidden_states=torch.randn(1, 64, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.7]),
-                img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
-
-
 def forward(transformer):
-    with torch.no_grad():
-        return transformer(**inputs()).sample
-
-
-def rel(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
+    return helpers_flux.forward(transformer, seed=5)
 
 
 @pytest.fixture(scope="module")
