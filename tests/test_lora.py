@@ -164,7 +164,7 @@ def test_the_branches_exist_beside_fp8_and_bf16_linears(svc):
 def use(svc, loras) -> list[dict]:
     """The LoRA step of Service.run alone (its fetch, cache and writes), for checks that need no image."""
     job = parse_job({**JOB, "loras": loras}, svc.family)
-    return svc.loras.use(job.loras or (), svc._lora_fetch(job, time.monotonic() + 30))
+    return svc.loras.for_job(job, svc.fetch_limits, svc.lora_max_bytes, time.monotonic() + 30)
 
 
 def test_loras_in_sequence_equal_diffusers_own_and_leave_nothing_behind(svc, base, reference):
