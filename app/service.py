@@ -18,6 +18,7 @@ from app.config import Settings
 from app.cost import job_cost
 from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerBroken, WorkerError
 from app.fetch import FetchLimits
+from app.gpu_errors import allocation_failed, poisoned, release_cuda_memory
 from app.inputs import load_inputs
 from app.limits import MAX_LORA_BYTES, MAX_OUTPUT_BYTES
 from app.loading import load_pipeline
@@ -235,9 +236,9 @@ class Service:
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:
-            if _allocation_failed(e):
+            if allocation_failed(e):
                 pass  # an OOM reported by a library (cuBLAS workspace, a kernel launch): same handling
-            elif _poisoned(e):
+            elif poisoned(e):
                 # scrub before cutting: a secret cut in half no longer matches the log sink's scrubber
                 detail = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
                 raise WorkerBroken(f"CUDA error, worker must be replaced: {detail}") from None
@@ -279,41 +280,6 @@ class Service:
                                  f"its outputs: {e.message}") from None
             raise
         return outputs
-
-
-def release_cuda_memory() -> None:
-    """Return the caching allocator's free blocks after an OOM, so the next job starts clean."""
-    import gc
-
-    import torch
-
-    gc.collect()  # the failed forward's activations may sit in reference cycles
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# Messages after which the CUDA context cannot be trusted: a sticky error makes every later kernel
-# launch fail (or worse, compute garbage), so the process must go, not the job only.
-POISON_MARKERS = ("CUDA error", "CUDA driver error", "device-side assert", "illegal memory access",
-                  "unspecified launch failure", "CUBLAS_STATUS", "cuDNN error", "CUDNN_STATUS", "ECC error")
-
-
-# Allocation failures that arrive as plain RuntimeErrors: not sticky, the context survives them.
-OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
-def _allocation_failed(e: RuntimeError) -> bool:
-    return any(s in str(e) for s in OOM_MARKERS)
-
-
-def _poisoned(e: RuntimeError) -> bool:
-    """An error after which the CUDA context cannot be trusted (the process must go)."""
-    import torch
-
-    if isinstance(e, getattr(torch, "AcceleratorError", ())):  # torch >= 2.8 raises this for CUDA errors
-        return True
-    text = str(e)
-    return any(s in text for s in POISON_MARKERS)
 
 
 def _check_job_id(store, job_id) -> None:
