@@ -18,19 +18,27 @@ import inspect
 import json
 import math
 import re
+import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from loguru import logger
 
-from app.errors import InvalidInput, WorkerBroken
+from app.errors import InvalidInput, JobFailed, WorkerBroken
+from app.fetch import FetchLimits, fetch_bytes
+from app.limits import LORA_FETCH_DEADLINE_S
 from weights.lora_branch import branches, unwrap
 from weights.quantize import FUSED
 
 KEEP_PARSED = 4  # LoRAs kept read in host memory: a job reusing one skips the disk and the conversion
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(\.[A-Za-z0-9_]+)?\.weight$")
+
+if TYPE_CHECKING:
+    from app.config import Settings
+    from app.schema import Job
 
 Parsed = dict  # module name (the unfused diffusers name) -> (A [r, in], B [out, r], alpha scaling), the file's dtype
 
@@ -49,6 +57,19 @@ class Loras:
         self.written: set[str] = set()  # branches holding a non-zero LoRA
         self._parsed: OrderedDict[str, Parsed] = OrderedDict()
         logger.info("LoRA branches on {} linears, rank {} each (x3 on fused QKV)", len(self.slots), rank)
+
+    @classmethod
+    def from_settings(cls, pipe, family, settings: Settings, rank: int) -> "Loras":
+        """The per-job LoRA state of a LORAS=1 worker, its files cached under LORA_CACHE."""
+        from app.lora_cache import LoraCache
+
+        root = settings.lora_cache or str(Path(settings.cache_dir) / "loras")
+        return cls(pipe, family, LoraCache(root, settings.lora_cache_mb << 20), rank)
+
+    def for_job(self, job: Job, limits: FetchLimits, max_bytes: int, deadline: float) -> list[dict]:
+        """`use` for `job`'s LoRAs (none clears the last job's), each file fetched under `limits` (the job's
+        input guard), `max_bytes` and what is left of `deadline`."""
+        return self.use(job.loras or (), fetcher(limits, max_bytes, deadline))
 
     def use(self, refs, fetch: Callable[[str, str], bytes]) -> list[dict]:
         """Make the branches hold the job's `refs` (schema LoraRef, job order; () for none): their result
@@ -119,6 +140,28 @@ class Loras:
                                "adapts linear layers only", field=field)
         raise InvalidInput(f"{field}: targets layer {_short(module)}, which this {self.model} does not have "
                            "(a LoRA for another model?)", field=field)
+
+
+def refuse_unless_taken(loras: Loras | None, job: Job) -> None:
+    """InvalidInput naming `loras` for a job with LoRAs on a worker that takes none (checked before any
+    fetch or GPU work)."""
+    if job.loras and loras is None:
+        raise InvalidInput("loras: this worker takes no per-job LoRA (it starts with LORAS=1 to take them)",
+                           field="loras")
+
+
+def fetcher(limits: FetchLimits, max_bytes: int, deadline: float) -> Callable[[str, str], bytes]:
+    """`fetch(source, field)`: a LoRA file's bytes under the input guard, its own size cap and the
+    smaller of its own deadline and what is left of the job's."""
+    base = replace(limits, max_bytes=max_bytes, formats=(), what="LoRA file")
+
+    def fetch(source: str, field: str) -> bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise JobFailed(f"{field}: no time left to fetch it within the job's deadline", field=field)
+        return fetch_bytes(source, replace(base, deadline_s=min(LORA_FETCH_DEADLINE_S, left)), field)
+
+    return fetch
 
 
 def read_lora(path: Path, pipeline_class, prefix: str, field: str) -> Parsed:

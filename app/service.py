@@ -17,16 +17,18 @@ from loguru import logger
 from app.config import Settings
 from app.cost import job_cost
 from app.errors import InvalidInput, JobFailed, JobTimeout, OutOfMemory, WorkerBroken, WorkerError
-from app.fetch import FetchLimits, fetch_bytes
+from app.fetch import FetchLimits
+from app.gpu_errors import allocation_failed, poisoned, release_cuda_memory
 from app.inputs import load_inputs
-from app.limits import LORA_FETCH_DEADLINE_S, MAX_LORA_BYTES, MAX_OUTPUT_BYTES
+from app.limits import MAX_LORA_BYTES, MAX_OUTPUT_BYTES
 from app.loading import load_pipeline
 from app.logs import redact
+from app.lora import Loras, refuse_unless_taken
 from app.outputs import Encoded
 from app.schema import Job, JobResult, parse_job
 from app.checks import run_preflight
 from app.source import ModelSource, resolve
-from app.step_cache import unsupported
+from app import step_cache
 from app.storage import OutputStore, object_key, open_store, s3_client, store_prefix
 from preflight import Plan
 
@@ -68,8 +70,8 @@ class Service:
         self.recipe = None
         self.warmed: list = []
         # why a step cache cannot run here (None: it can); load refines it with the recipe (CUDA graphs)
-        self.step_cache_blocked = unsupported(getattr(pipe, self.family.denoiser), None)
-        self.loras = None  # app.lora.Loras on a worker started with LORAS=1
+        self.step_cache_blocked = step_cache.unsupported(getattr(pipe, self.family.denoiser), None)
+        self.loras: Loras | None = None  # on a worker started with LORAS=1
 
     @property
     def job_timeout_s(self) -> float:
@@ -113,15 +115,12 @@ class Service:
             apply_recipe(pipe, family, recipe)
             memory.finish(pipe, family, plan)
             if recipe.lora_rank:
-                service.loras = _loras(pipe, family, settings, recipe.lora_rank)
+                service.loras = Loras.from_settings(pipe, family, settings, recipe.lora_rank)
         compiled = service.compiled = recipe.compile != "off"
         service.recipe = recipe
-        service.step_cache_blocked = unsupported(getattr(pipe, family.denoiser), recipe)
-        if settings.step_cache != "off":  # the worker's default must run, or the worker is misconfigured
-            why = service._step_cache_refusal(settings.step_cache)
-            if why:
-                raise WorkerBroken(f"bad configuration STEP_CACHE: {settings.step_cache}: {why}", field="STEP_CACHE")
-            warm_jobs = [w._replace(job=w.job.model_copy(update={"cache": settings.step_cache})) for w in warm_jobs]
+        service.step_cache_blocked = step_cache.unsupported(getattr(pipe, family.denoiser), recipe)
+        warm_jobs = step_cache.warm_with_default(warm_jobs, settings.step_cache, service.step_cache_blocked,
+                                                 family.mag_ratios, source.id)
         shapes = [(w.job.width, w.job.height, w.job.num_images) for w in warm_jobs]
         key = compile_cache.cache_key(plan.gpu_name, plan.capability, source.cache_identity(), recipe.to_dict(),
                                       shapes)
@@ -157,11 +156,10 @@ class Service:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         with timed(timings, "validate_ms"):
-            job = self._with_step_cache(parse_job(raw, self.family))
+            job = step_cache.for_job(parse_job(raw, self.family), self.settings.step_cache,
+                                     self.step_cache_blocked, self.family.mag_ratios, self.source.id)
             _check_job_id(self.store, job_id)  # before any GPU work: the outputs are stored under it
-            if job.loras and self.loras is None:
-                raise InvalidInput("loras: this worker takes no per-job LoRA (it starts with LORAS=1 to take them)",
-                                   field="loras")
+            refuse_unless_taken(self.loras, job)
         inputs = None
         if job.inputs:  # fetched and decoded before any GPU work; the size may follow the first image
             with timed(timings, "inputs_ms"):
@@ -172,7 +170,8 @@ class Service:
         if self.loras is not None:  # a job without LoRAs clears the last job's
             with timed(timings, "loras_ms"):
                 deadline = time.monotonic() + self.job_timeout_s - (time.perf_counter() - t0)
-                applied = self.loras.use(job.loras or (), self._lora_fetch(job, deadline))
+                limits = self._fetch_limits(job, [ref.source for ref in job.loras or ()])
+                applied = self.loras.for_job(job, limits, self.lora_max_bytes, deadline)
         logger.info("job: {} {}x{}{}, {} steps, {} output(s)", self.family.task(bool(job.inputs)), job.width,
                     job.height, f"x{job.num_frames} frames" if job.num_frames else "", job.num_inference_steps,
                     job.num_images)
@@ -193,39 +192,6 @@ class Service:
         self.cold_start = None
         logger.info("job done in {} ms", timings["total_ms"])
         return result.model_dump(exclude_none=True)
-
-    def _step_cache_refusal(self, name: str) -> str | None:
-        """Why step cache `name` cannot run on this worker (None: it can)."""
-        if name == "off":
-            return None
-        if self.step_cache_blocked:
-            return self.step_cache_blocked
-        if name == "magcache" and self.family.mag_ratios is None:
-            return f"MagCache has no calibration for {self.source.id} (fbcache and taylorseer need none)"
-        return None
-
-    def _with_step_cache(self, job: Job) -> Job:
-        """`job` with the step cache it runs (its own, else STEP_CACHE); InvalidInput naming `cache` when
-        that one cannot run here."""
-        name = job.cache or self.settings.step_cache
-        why = self._step_cache_refusal(name)
-        if why:
-            raise InvalidInput(f"cache: {name} cannot run on this worker: {why}", field="cache")
-        return job if job.cache == name else job.model_copy(update={"cache": name})
-
-    def _lora_fetch(self, job: Job, deadline: float):
-        """`fetch(source, field)`: a LoRA file's bytes under the input guard, its own size cap and the
-        smaller of its own deadline and what is left of the job's."""
-        refs = [ref.source for ref in job.loras or ()]
-        base = replace(self._fetch_limits(job, refs), max_bytes=self.lora_max_bytes, formats=(), what="LoRA file")
-
-        def fetch(source: str, field: str) -> bytes:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise JobFailed(f"{field}: no time left to fetch it within the job's deadline", field=field)
-            return fetch_bytes(source, replace(base, deadline_s=min(LORA_FETCH_DEADLINE_S, left)), field)
-
-        return fetch
 
     def _fetch_limits(self, job: Job, refs=None) -> FetchLimits:
         """The fetch limits with the worker's S3 client when the job reads an s3:// input (made once)."""
@@ -270,9 +236,9 @@ class Service:
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first: its traceback pins the activations we must free
         except RuntimeError as e:
-            if _allocation_failed(e):
+            if allocation_failed(e):
                 pass  # an OOM reported by a library (cuBLAS workspace, a kernel launch): same handling
-            elif _poisoned(e):
+            elif poisoned(e):
                 # scrub before cutting: a secret cut in half no longer matches the log sink's scrubber
                 detail = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
                 raise WorkerBroken(f"CUDA error, worker must be replaced: {detail}") from None
@@ -316,41 +282,6 @@ class Service:
         return outputs
 
 
-def release_cuda_memory() -> None:
-    """Return the caching allocator's free blocks after an OOM, so the next job starts clean."""
-    import gc
-
-    import torch
-
-    gc.collect()  # the failed forward's activations may sit in reference cycles
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# Messages after which the CUDA context cannot be trusted: a sticky error makes every later kernel
-# launch fail (or worse, compute garbage), so the process must go, not the job only.
-POISON_MARKERS = ("CUDA error", "CUDA driver error", "device-side assert", "illegal memory access",
-                  "unspecified launch failure", "CUBLAS_STATUS", "cuDNN error", "CUDNN_STATUS", "ECC error")
-
-
-# Allocation failures that arrive as plain RuntimeErrors: not sticky, the context survives them.
-OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
-def _allocation_failed(e: RuntimeError) -> bool:
-    return any(s in str(e) for s in OOM_MARKERS)
-
-
-def _poisoned(e: RuntimeError) -> bool:
-    """An error after which the CUDA context cannot be trusted (the process must go)."""
-    import torch
-
-    if isinstance(e, getattr(torch, "AcceleratorError", ())):  # torch >= 2.8 raises this for CUDA errors
-        return True
-    text = str(e)
-    return any(s in text for s in POISON_MARKERS)
-
-
 def _check_job_id(store, job_id) -> None:
     """A job id that cannot name its outputs' keys is refused as input (`id`), not after the denoiser ran."""
     if not isinstance(job_id, str):
@@ -359,17 +290,6 @@ def _check_job_id(store, job_id) -> None:
         object_key(store_prefix(store), job_id, 0, "png")
     except JobFailed as e:
         raise InvalidInput(f"id: {e.message}", field="id") from None
-
-
-def _loras(pipe, family, settings: Settings, rank: int):
-    """The per-job LoRA state of a LORAS=1 worker, its files cached under LORA_CACHE."""
-    from pathlib import Path
-
-    from app.lora import Loras
-    from app.lora_cache import LoraCache
-
-    root = settings.lora_cache or str(Path(settings.cache_dir) / "loras")
-    return Loras(pipe, family, LoraCache(root, settings.lora_cache_mb << 20), rank)
 
 
 def _warmup_jobs(family, shapes) -> list:

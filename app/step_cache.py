@@ -12,6 +12,12 @@ being traced inside a fullgraph. Random weights cannot show the perceptual cost:
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
+
+from app.errors import InvalidInput, WorkerBroken
+
+if TYPE_CHECKING:
+    from app.schema import Job
 
 NAMES = ("off", "fbcache", "taylorseer", "magcache")
 FBCACHE_THRESHOLD = 0.05  # diffusers' default; ParaAttention's FLUX figures use 0.08-0.12
@@ -50,6 +56,39 @@ def unsupported(denoiser, recipe) -> str | None:
     if not hasattr(denoiser, "enable_cache"):
         return f"{type(denoiser).__name__} has no diffusers cache hooks"
     return None
+
+
+def refusal(name: str, blocked: str | None, mag_ratios, model: str) -> str | None:
+    """Why step cache `name` cannot run on this worker (None: it can); `blocked` is `unsupported`'s
+    answer for its denoiser, `mag_ratios` the serving family's MagCache calibration."""
+    if name == "off":
+        return None
+    if blocked:
+        return blocked
+    if name == "magcache" and mag_ratios is None:
+        return f"MagCache has no calibration for {model} (fbcache and taylorseer need none)"
+    return None
+
+
+def for_job(job: Job, default: str, blocked: str | None, mag_ratios, model: str) -> Job:
+    """`job` with the step cache it runs (its own, else `default`: STEP_CACHE); InvalidInput naming
+    `cache` when that one cannot run here."""
+    name = job.cache or default
+    why = refusal(name, blocked, mag_ratios, model)
+    if why:
+        raise InvalidInput(f"cache: {name} cannot run on this worker: {why}", field="cache")
+    return job if job.cache == name else job.model_copy(update={"cache": name})
+
+
+def warm_with_default(warm_jobs: list, default: str, blocked: str | None, mag_ratios, model: str) -> list:
+    """The warm-up jobs under the worker's STEP_CACHE; WorkerBroken naming STEP_CACHE when it cannot run
+    here (the worker's default must run, or the worker is misconfigured)."""
+    if default == "off":
+        return warm_jobs
+    why = refusal(default, blocked, mag_ratios, model)
+    if why:
+        raise WorkerBroken(f"bad configuration STEP_CACHE: {default}: {why}", field="STEP_CACHE")
+    return [w._replace(job=w.job.model_copy(update={"cache": default})) for w in warm_jobs]
 
 
 @contextmanager

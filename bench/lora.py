@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     import torch
 
     from app.config import Settings
-    from bench.capped import _model  # the same loading seam
+    from bench.capped_models import model  # the same loading seam
     from bench.latency import versions
     from bench.output import save_json
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     size = args.size or (1024 if cuda else 256)
     steps = args.steps or (28 if cuda else 2)
     job = {"prompt": PROMPT, "width": size, "height": size, "num_inference_steps": steps, "seed": 0}
-    source, build = _model("flux", not cuda)
+    source, build = model("flux", not cuda)
     work = tempfile.mkdtemp(prefix="bench-lora-")
     base = dict(output_uri=f"{work}/out", job_timeout_s=3600, shapes=f"{size}x{size}",
                 compile="regional" if cuda else "off", device="cuda" if cuda else "cpu", cache_dir=work, preflight=cuda)

@@ -29,6 +29,8 @@ from app.fetch import FetchLimits
 from app.loading import load_pipeline
 from app.schema import parse_job
 from app.errors import InvalidInput
+from tests import helpers_flux
+from tests.helpers_flux import rel
 from tests.helpers_net import http_server
 from weights.fp8 import FP8Linear
 from weights.lora_branch import LoRAFP8Linear, LoRALinear, branches
@@ -126,20 +128,8 @@ def run(svc, job_id, **extra) -> tuple[dict, np.ndarray]:
     return result, np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32)
 
 
-def inputs():
-    g = torch.Generator().manual_seed(5)
-    return dict(hidden_states=torch.randn(1, 64, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.7]),
-                img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
-
-
 def forward(transformer):
-    with torch.no_grad():
-        return transformer(**inputs()).sample
-
-
-def rel(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
+    return helpers_flux.forward(transformer, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +164,7 @@ def test_the_branches_exist_beside_fp8_and_bf16_linears(svc):
 def use(svc, loras) -> list[dict]:
     """The LoRA step of Service.run alone (its fetch, cache and writes), for checks that need no image."""
     job = parse_job({**JOB, "loras": loras}, svc.family)
-    return svc.loras.use(job.loras or (), svc._lora_fetch(job, time.monotonic() + 30))
+    return svc.loras.for_job(job, svc.fetch_limits, svc.lora_max_bytes, time.monotonic() + 30)
 
 
 def test_loras_in_sequence_equal_diffusers_own_and_leave_nothing_behind(svc, base, reference):

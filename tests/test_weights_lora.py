@@ -18,6 +18,8 @@ from weights.__main__ import bake, main
 from weights.errors import WeightsError
 from weights.load import Target, load_baked
 from weights.lora import sha256
+from tests import helpers_flux
+from tests.helpers_flux import rel
 
 CPU = Target("cpu", torch.float32)
 TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.0.proj", "single_transformer_blocks.1.proj_mlp")
@@ -37,20 +39,8 @@ def tiny_lora(path, targets=TARGETS, rank=4, seed=0):
     return path
 
 
-def inputs():
-    g = torch.Generator().manual_seed(3)
-    return dict(hidden_states=torch.randn(1, 64, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.7]),
-                img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
-
-
 def forward(transformer):
-    with torch.no_grad():
-        return transformer(**inputs()).sample
-
-
-def rel(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
+    return helpers_flux.forward(transformer, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import Callable
 from urllib.parse import urljoin
 
 from app.errors import InvalidInput, JobFailed
@@ -83,15 +84,9 @@ def fetch_http(url: str, limits: FetchLimits, field: str, deadline: float) -> by
 def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: str,
               deadline: float) -> tuple[bytes, str | None]:
     """One GET to a checked address: (body, None) or (b"", redirect location)."""
-    conn = _connection(u, port, address, limits, deadline)
-    timer, fired = _watchdog(conn, deadline)
-    where = describe(url)
-    try:
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        conn.request("GET", path, headers={"User-Agent": "diffusion-worker", "Accept-Encoding": "identity",
-                                           "Accept": ", ".join(sorted(MIME_TYPES)) if limits.formats else "*/*"})
-        conn.sock.settimeout(read_timeout(limits, deadline))
-        resp = conn.getresponse()
+    accept = ", ".join(sorted(MIME_TYPES)) if limits.formats else "*/*"
+
+    def answer(conn, resp, where: str) -> tuple[bytes, str | None]:
         if resp.status in REDIRECTS:
             location = resp.getheader("Location")
             if not location:
@@ -106,15 +101,35 @@ def _get_once(u, port: int, address: str, url: str, limits: FetchLimits, field: 
             raise InvalidInput(f"{field}: {limits.what} is {int(length)} bytes, over the {limits.max_bytes} byte limit",
                                field=field)
         return read_capped(lambda: resp.read1(READ_CHUNK_BYTES), conn, limits, field, deadline), None
+
+    return _request("GET", u, port, address, url, limits, field, deadline, answer,
+                    headers={"User-Agent": "diffusion-worker", "Accept-Encoding": "identity", "Accept": accept})
+
+
+def _request(method: str, u, port: int, address: str, url: str, limits: FetchLimits, field: str,
+             deadline: float, answer: Callable, headers: dict[str, str], body: bytes | None = None):
+    """One request to a checked address under the watchdog; `answer(conn, resp, where)` reads the reply.
+
+    GET and POST share it so both map timeouts, TLS and connection failures to the same typed errors.
+    """
+    conn = _connection(u, port, address, limits, deadline)
+    timer, fired = _watchdog(conn, deadline)
+    where = describe(url)
+    doing = "fetching" if method == "GET" else "calling"
+    try:
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        conn.request(method, path, body=body, headers=headers)
+        conn.sock.settimeout(read_timeout(limits, deadline))
+        return answer(conn, conn.getresponse(), where)
     except (socket.timeout, TimeoutError):
         if fired.is_set():
-            raise JobFailed(f"{field}: fetching {where} took longer than {limits.deadline_s:g} s", field=field) from None
+            raise JobFailed(f"{field}: {doing} {where} took longer than {limits.deadline_s:g} s", field=field) from None
         raise JobFailed(f"{field}: {where} timed out", field=field) from None
     except ssl.SSLError:
         raise JobFailed(f"{field}: TLS failed with {where}", field=field) from None
     except (OSError, http.client.HTTPException):
         if fired.is_set():
-            raise JobFailed(f"{field}: fetching {where} took longer than {limits.deadline_s:g} s", field=field) from None
+            raise JobFailed(f"{field}: {doing} {where} took longer than {limits.deadline_s:g} s", field=field) from None
         raise JobFailed(f"{field}: connection to {where} failed", field=field) from None
     finally:
         timer.cancel()
@@ -144,27 +159,10 @@ def post_json(url: str, payload: bytes, limits: FetchLimits = FetchLimits(), fie
     if not isinstance(url, str) or not url:
         raise InvalidInput(f"{field}: must be an https:// or http:// URL", field=field)
     u, port, address = target(url, limits, field, deadline, hop=0)
-    conn = _connection(u, port, address, limits, deadline)
-    timer, fired = _watchdog(conn, deadline)
-    where = describe(url)
-    try:
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        conn.request("POST", path, body=payload, headers={
-            "User-Agent": "diffusion-worker", "Content-Type": "application/json", "Accept-Encoding": "identity"})
-        conn.sock.settimeout(read_timeout(limits, deadline))
-        resp = conn.getresponse()
+
+    def answer(conn, resp, where: str) -> int:
         resp.read(READ_CHUNK_BYTES)
         return resp.status
-    except (socket.timeout, TimeoutError):
-        if fired.is_set():
-            raise JobFailed(f"{field}: calling {where} took longer than {limits.deadline_s:g} s", field=field) from None
-        raise JobFailed(f"{field}: {where} timed out", field=field) from None
-    except ssl.SSLError:
-        raise JobFailed(f"{field}: TLS failed with {where}", field=field) from None
-    except (OSError, http.client.HTTPException):
-        if fired.is_set():
-            raise JobFailed(f"{field}: calling {where} took longer than {limits.deadline_s:g} s", field=field) from None
-        raise JobFailed(f"{field}: connection to {where} failed", field=field) from None
-    finally:
-        timer.cancel()
-        conn.close()
+
+    return _request("POST", u, port, address, url, limits, field, deadline, answer, body=payload, headers={
+        "User-Agent": "diffusion-worker", "Content-Type": "application/json", "Accept-Encoding": "identity"})
