@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--text-encoders", choices=("bf16", "fp8"), default="bf16",
                    help="fp8: the text encoders' repeated-layer linears stored FP8 too (what TEXT_ENCODERS=fp8 runs)")
     b.add_argument("--offline", action="store_true", help="no downloads (HF_HUB_OFFLINE semantics)")
-    lora.add_arguments(b)  # --fuse-lora FILE --lora-scale S --steps N --guidance G
+    lora.add_arguments(b)  # --fuse-lora [EXPERT=]FILE --lora-scale [EXPERT=]S --steps N --guidance G
     i = sub.add_parser("import", help="convert a single-file FP8 checkpoint (ComfyUI, compressed-tensors)")
     i.add_argument("src")
     i.add_argument("--family", required=True, choices=_importable(),
@@ -66,7 +66,7 @@ def bake(model: str, out: str, precision: str = "fp8", revision: str | None = No
     source = resolve(model, revision, offline)
     pipe = source_pipeline(source)
     return bake_pipeline(pipe, source.family, out, precision, {"id": source.id, "revision": source.revision}, device,
-                         lora.bake_extra(pipe, **fuse), text_encoders)
+                         lora.bake_extra(pipe, source.family, **fuse), text_encoders)
 
 
 def main(argv: list[str] | None = None) -> int:

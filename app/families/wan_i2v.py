@@ -266,6 +266,8 @@ FAMILY = WanI2V(
     max_frames=81,
     output_formats=("mp4", "webp"),
     extra_denoisers=("transformer_2",),  # Wan 2.2 A14B's low-noise expert
+    # Wan 2.2's per-expert files (lightx2v's high_noise / low_noise LoRAs, Kijai's HIGH / LOW FP8 files)
+    experts=(("high", "transformer"), ("low", "transformer_2")),
     tiny_models=("a14b",),  # MODEL=tiny-wan-i2v-a14b: Wan 2.2's two experts, tiny
     job_timeout_s=1800.0,  # 40 CFG steps at 720P run ~15 min on an H200 (480P: ~3 min)
 )
