@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--offline", action="store_true", help="no downloads (HF_HUB_OFFLINE semantics)")
     lora.add_arguments(b)  # --fuse-lora [EXPERT=]FILE --lora-scale [EXPERT=]S --steps N --guidance G
     i = sub.add_parser("import", help="convert a single-file FP8 checkpoint (ComfyUI, compressed-tensors)")
-    i.add_argument("src")
+    i.add_argument("src", nargs="+", metavar="[EXPERT=]FILE",
+                   help="the checkpoint; a model with several denoisers takes one file per expert: "
+                        "high=FILE low=FILE (Wan 2.2 A14B's high / low noise experts)")
     i.add_argument("--family", required=True, choices=_importable(),
                    help="the model family whose single-file key names the checkpoint uses")
     i.add_argument("--out", required=True, help=OUT_HELP)
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             from weights.importer import import_checkpoint
 
             m = import_checkpoint(args.src, family_named(args.family), args.out, args.config, args.base)
-            out = {"out": args.out, "source": m["source"], "quantized_layers": m["recipe"]["quantized_layers"]}
+            out = {"out": args.out, "source": m.get("sources") or m["source"],
+                   "quantized_layers": m["recipe"]["quantized_layers"]}
         elif args.command == "inspect":
             from weights.inspection import inspect_path
 
