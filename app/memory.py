@@ -10,7 +10,8 @@
   finish          after the recipe, so the denoiser is fused and quantized in host memory first (a bf16
                   FLUX transformer and its QKV fusion's copies do not fit a 24 GB card; compile is lazy):
                   offload-text moves it to the GPU; offload-blocks streams its blocks (`block_level`,
-                  one block per group, `use_stream=True`)
+                  one block per group, `use_stream=True`); every denoiser the pipeline holds alike
+                  (Wan 2.2 A14B's two experts: only the running one's blocks are on the GPU)
 
 Streaming changes where weights wait, not what runs: the same kernels see the same tensors, so an
 offloaded job gives the bytes a resident one gives. FP8Linear keeps its codes and scales as buffers,
@@ -64,7 +65,7 @@ def place(pipe, family, plan) -> dict:
     if plan.text_encoders == "fp8":
         done["text_encoders_fp8"] = {n: len(quantize_text_encoder(m, "fp8")) for n, m in encoders.items()}
     if plan.memory != "resident":
-        later = set(encoders) | {family.denoiser}  # the encoders stream; the denoiser waits for `finish`
+        later = set(encoders) | set(family.denoisers_of(pipe))  # the encoders stream; denoisers wait for `finish`
         for name, module in pipe.components.items():
             if name not in later and isinstance(module, torch.nn.Module):
                 module.to(device)
@@ -94,14 +95,17 @@ def adjust_recipe(recipe, plan):
 
 
 def finish(pipe, family, plan) -> str:
-    """Put the (fused, quantized) denoiser where the plan wants it; where it went."""
+    """Put the (fused, quantized) denoisers where the plan wants them (every one the pipeline holds:
+    Wan 2.2's two experts alike, each used for its share of the steps); where they went."""
     if plan.memory == "resident":
         return "resident"
     device = "cuda:0" if plan.device == "cuda" else plan.device
-    denoiser = getattr(pipe, family.denoiser)
+    denoisers = family.denoisers_of(pipe)
     if plan.memory == "offload-text":
-        denoiser.to(device)
+        for denoiser in denoisers.values():
+            denoiser.to(device)
         return device
-    _offload(denoiser, device, "block_level")
-    logger.info("memory plan offload-blocks: {} streams one block at a time", family.denoiser)
+    for denoiser in denoisers.values():
+        _offload(denoiser, device, "block_level")
+    logger.info("memory plan offload-blocks: {} stream one block at a time", ", ".join(denoisers))
     return "streamed"

@@ -86,12 +86,13 @@ def resolve(model: str, revision: str | None = None, offline: bool = False, weig
 
 
 def _from_manifest(manifest: dict, field: str) -> tuple[str, Family]:
-    """(source id, family) a bake recorded; a bake of `tiny-<family>` serves the tiny variant."""
+    """(source id, family) a bake recorded, planned for the denoisers it holds (Wan 2.2's two experts);
+    a bake of `tiny-<family>` serves the tiny variant."""
     source_id = manifest.get("source", {}).get("id") or "?"
     fam = family_named(manifest.get("family", "?"), field=field)
     tiny = tiny_family(source_id)
     if tiny is None:
-        return source_id, fam
+        return source_id, fam.for_components({manifest.get("denoiser"), *manifest.get("extra_denoisers", ())})
     return source_id, tiny if tiny.name == fam.name else fam.tiny_variant()
 
 
@@ -119,14 +120,17 @@ def _manifest(read, field: str) -> dict:
 
 
 def _family_of_index(index: Path, model: str) -> Family:
+    """The family of a model_index.json, planned for the components it holds (a null entry: absent)."""
     try:
-        class_name = json.loads(index.read_text())["_class_name"]
+        data = json.loads(index.read_text())
+        class_name = data["_class_name"]
     except FileNotFoundError:
         raise WorkerBroken(f"MODEL={model} is a folder without model_index.json", field="MODEL") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise WorkerBroken(f"MODEL={model}: model_index.json is unreadable or has no _class_name",
                            field="MODEL") from None
-    return family_for_pipeline_class(class_name)
+    held = {k for k, v in data.items() if isinstance(v, list) and v and v[0] is not None}
+    return family_for_pipeline_class(class_name).for_components(held)
 
 
 def _hub_family(model: str, revision: str | None, offline: bool) -> Family:

@@ -37,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--text-encoders", choices=("bf16", "fp8"), default="bf16",
                    help="fp8: the text encoders' repeated-layer linears stored FP8 too (what TEXT_ENCODERS=fp8 runs)")
     b.add_argument("--offline", action="store_true", help="no downloads (HF_HUB_OFFLINE semantics)")
-    lora.add_arguments(b)  # --fuse-lora FILE --lora-scale S --steps N --guidance G
+    lora.add_arguments(b)  # --fuse-lora [EXPERT=]FILE --lora-scale [EXPERT=]S --steps N --guidance G
     i = sub.add_parser("import", help="convert a single-file FP8 checkpoint (ComfyUI, compressed-tensors)")
-    i.add_argument("src")
+    i.add_argument("src", nargs="+", metavar="[EXPERT=]FILE",
+                   help="the checkpoint; a model with several denoisers takes one file per expert: "
+                        "high=FILE low=FILE (Wan 2.2 A14B's high / low noise experts)")
     i.add_argument("--family", required=True, choices=_importable(),
                    help="the model family whose single-file key names the checkpoint uses")
     i.add_argument("--out", required=True, help=OUT_HELP)
@@ -66,7 +68,7 @@ def bake(model: str, out: str, precision: str = "fp8", revision: str | None = No
     source = resolve(model, revision, offline)
     pipe = source_pipeline(source)
     return bake_pipeline(pipe, source.family, out, precision, {"id": source.id, "revision": source.revision}, device,
-                         lora.bake_extra(pipe, **fuse), text_encoders)
+                         lora.bake_extra(pipe, source.family, **fuse), text_encoders)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             from weights.importer import import_checkpoint
 
             m = import_checkpoint(args.src, family_named(args.family), args.out, args.config, args.base)
-            out = {"out": args.out, "source": m["source"], "quantized_layers": m["recipe"]["quantized_layers"]}
+            out = {"out": args.out, "source": m.get("sources") or m["source"],
+                   "quantized_layers": m["recipe"]["quantized_layers"]}
         elif args.command == "inspect":
             from weights.inspection import inspect_path
 

@@ -52,3 +52,9 @@ class OutputExists(WeightsError):
     """`--out` holds something this command did not create: it is never replaced."""
 
     type = "output_exists"
+
+
+class UnknownExpert(WeightsError):
+    """A file given for a denoiser (an expert key, `high=FILE`) that the family or the model does not have."""
+
+    type = "unknown_expert"

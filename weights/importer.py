@@ -1,5 +1,9 @@
 """Import a published single-file FP8 checkpoint (FLUX, Qwen-Image, Wan...) into a baked directory.
 
+A model with several denoisers is published one file per denoiser (Kijai's Wan 2.2 A14B: a HIGH and a
+LOW noise expert); `import high=FILE low=FILE` takes one file per expert key (`weights.experts`), each
+checked and converted by the same rules into its own folder (`transformer`, `transformer_2`).
+
 The family's key module (`Family.checkpoint_keys`, e.g. `weights.flux_keys`) gives the diffusers class,
 the map from the file's key names to diffusers' and the config inferred from shapes. The importer
 writes a baked directory directly, in the format `bake` writes (FP8Linear: e4m3 `weight` + fp32
@@ -22,6 +26,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -32,7 +37,8 @@ from weights import outdir
 from weights.bake import RECIPES, BakeSpec
 from weights.checkpoint import CheckpointFile
 from weights.convert import Producer, layout, segments
-from weights.errors import UnknownFormat
+from weights.errors import UnknownExpert, UnknownFormat
+from weights.experts import assign, key_of, split
 from weights.formats import read_plan
 from weights.fp8 import FP8Linear
 from weights.load import build_skeleton
@@ -71,46 +77,106 @@ def _skeleton(cfg: dict, keys, fam: BakeSpec):
         raise UnknownFormat(f"config cannot build a {keys.CLASS_NAME}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def import_checkpoint(src: str | Path, fam: BakeSpec, out: str | Path, config: str | Path | None = None,
+def import_checkpoint(src, fam: BakeSpec, out: str | Path, config: str | Path | None = None,
                       base: str | Path | None = None, keys=None) -> dict:
-    """Write a baked directory (denoiser only, or a full pipeline with `base`) from `src` for family `fam`."""
+    """Write a baked directory (the denoisers only, or a full pipeline with `base`) for family `fam` from
+    `src`: one file (the main denoiser's), or `[EXPERT=]FILE` arguments, one file per denoiser (Wan 2.2
+    A14B: `high=` -> transformer, `low=` -> transformer_2; `weights.experts`). Every file is checked
+    before anything is written."""
     keys = key_module(fam, keys)
     outdir.check(out)
     if base and not (Path(base) / "model_index.json").is_file():
         raise UnknownFormat(f"--base {base}: not a diffusers pipeline directory (no model_index.json)")
-    with CheckpointFile(src) as ckpt:
-        plan = read_plan(ckpt)
-        shapes = {k: s.stored.shape for k, s in plan.sources.items()}
-        cfg, model = _skeleton(read_config(config) if config else keys.infer_config(shapes), keys, fam)
-        fp8_layers = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
-        expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
-        segs = layout(expected, segments(keys.entries(sorted(plan.sources), cfg), ckpt, plan), ckpt, plan)
-        produce = Producer(ckpt, plan, segs, expected, fp8_layers)
+    files = _assign(src, fam, base)
+    with ExitStack() as stack:
+        parts = {name: _prepare(stack.enter_context(CheckpointFile(path)), fam, keys, config)
+                 for name, (_, path) in files.items()}
         with outdir.staged(out) as tmp:
-            folder = tmp / fam.denoiser
-            folder.mkdir()
-            model.save_config(folder)
-            write_streamed(folder, [(n, *expected[n]) for n in produce.order()], produce)
+            for name, (cfg, model, plan, produce, expected) in parts.items():
+                folder = tmp / name
+                folder.mkdir()
+                model.save_config(folder)
+                write_streamed(folder, [(n, *expected[n]) for n in produce.order()], produce)
+                logger.info("imported {} -> {} ({}): {} FP8 layers kept bit for bit, {} re-quantized per row, "
+                            "scales {}", files[name][1], name, plan.format, produce.kept, produce.requantized,
+                            dict(plan.notes))
             if base:
-                _copy_base(Path(base), tmp, fam)
-            logger.info("imported {} ({}): {} FP8 layers kept bit for bit, {} re-quantized per row, scales {}",
-                        src, plan.format, produce.kept, produce.requantized, dict(plan.notes))
-            manifest = mf.write(tmp, {
-                "source": {"id": Path(src).name, "revision": None, "format": plan.format,
-                           "sha256": mf.file_digest(Path(src))["sha256"], "scales": dict(plan.notes)},
-                "family": fam.name, "denoiser": fam.denoiser, "complete": bool(base),
-                "recipe": {"precision": "fp8", "fused_qkv": fam.fuse_qkv, "config": RECIPES["fp8"],
-                           "skip": list(fam.quant_skip), "quantized_layers": produce.kept + produce.requantized,
-                           "imported": True, "kept_bit_for_bit": produce.kept,
-                           "requantized_per_row": produce.requantized},
-                "vram_gib": fam.vram_gib.get("fp8"),
-            })
-    return manifest
+                _copy_base(Path(base), tmp, set(files))
+            return mf.write(tmp, _manifest(fam, files, parts, bool(base)))
 
 
-def _copy_base(base: Path, out: Path, fam: BakeSpec) -> None:
+def _assign(src, fam: BakeSpec, base) -> dict[str, tuple[str | None, str]]:
+    """{denoiser: (expert key, file)}: the main denoiser always; with `base`, every denoiser it holds."""
+    specs = [str(src)] if isinstance(src, (str, Path)) else [str(s) for s in src]
+    every = (fam.denoiser, *getattr(fam, "extra_denoisers", ()))
+    if base:
+        present = base_denoisers(Path(base), every)
+    elif all(split(s)[0] is None for s in specs):
+        present = [fam.denoiser]  # a bare file: the main denoiser (a model of one)
+    else:
+        present = list(every)
+    files = assign(specs, fam, present, "import")
+    missing = [n for n in (present if base else [fam.denoiser]) if n not in files]
+    if missing:
+        what = ", ".join(f"{n} (expert {key_of(fam, n)!r})" if key_of(fam, n) else n for n in missing)
+        where = f"--base {base} holds" if base else "an import needs the main denoiser,"
+        raise UnknownExpert(f"import: no file for {what}: {where} it; give "
+                            + " ".join(f"{key_of(fam, n) or 'FILE'}=FILE" for n in missing))
+    return files
+
+
+def base_denoisers(base: Path, names) -> list[str]:
+    """Which of the denoisers `names` the base pipeline's model_index.json holds (a null entry: none)."""
+    try:
+        index = json.loads((base / "model_index.json").read_text())
+    except (OSError, ValueError):
+        raise UnknownFormat(f"--base {base}: model_index.json is not valid JSON") from None
+    return [n for n in names if isinstance(index.get(n), list) and index[n] and index[n][0] is not None]
+
+
+def _prepare(ckpt: CheckpointFile, fam: BakeSpec, keys, config):
+    """(config, FP8 skeleton, plan, producer, expected tensors) for one file, after every check; the
+    refusals that come without a tensor name the file."""
+    plan = read_plan(ckpt)
+    shapes = {k: s.stored.shape for k, s in plan.sources.items()}
+    try:
+        cfg, model = _skeleton(read_config(config) if config else keys.infer_config(shapes), keys, fam)
+    except UnknownFormat as e:
+        raise type(e)(e.message if str(ckpt.path) in e.message else f"{ckpt.path}: {e.message}") from None
+    fp8_layers = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+    segs = layout(expected, segments(keys.entries(sorted(plan.sources), cfg), ckpt, plan), ckpt, plan)
+    return cfg, model, plan, Producer(ckpt, plan, segs, expected, fp8_layers), expected
+
+
+def _manifest(fam: BakeSpec, files: dict, parts: dict, complete: bool) -> dict:
+    """The manifest body: the main denoiser's source as `source`, every file's under `sources` when several."""
+    def source(name):
+        plan, path = parts[name][2], Path(files[name][1])
+        return {"id": path.name, "revision": None, "format": plan.format,
+                "sha256": mf.file_digest(path)["sha256"], "scales": dict(plan.notes)}
+
+    names = list(parts)
+    kept = {n: parts[n][3].kept for n in names}
+    requantized = {n: parts[n][3].requantized for n in names}
+    several = len(names) > 1
+    return {
+        "source": source(fam.denoiser),
+        **({"sources": {n: {**source(n), "expert": files[n][0]} for n in names}} if several else {}),
+        "family": fam.name, "denoiser": fam.denoiser, "complete": complete,
+        **({"extra_denoisers": names[1:]} if several else {}),
+        "recipe": {"precision": "fp8", "fused_qkv": fam.fuse_qkv, "config": RECIPES["fp8"],
+                   "skip": list(fam.quant_skip), "quantized_layers": sum(kept.values()) + sum(requantized.values()),
+                   "imported": True, "kept_bit_for_bit": sum(kept.values()),
+                   "requantized_per_row": sum(requantized.values()),
+                   **({"quantized_by_denoiser": {n: kept[n] + requantized[n] for n in names}} if several else {})},
+        "vram_gib": fam.vram_gib.get("fp8"),
+    }
+
+
+def _copy_base(base: Path, out: Path, denoisers: set[str]) -> None:
     """The other pipeline components and model_index.json from a local diffusers (or baked) directory."""
     shutil.copy2(base / "model_index.json", out / "model_index.json")
     for child in base.iterdir():
-        if child.is_dir() and child.name != fam.denoiser:
+        if child.is_dir() and child.name not in denoisers:
             shutil.copytree(child, out / child.name)

@@ -102,6 +102,9 @@ class Family:
     job_timeout_s: float = 600.0  # JOB_TIMEOUT_S when the variable is unset: what a job of this family needs
     # Further denoisers the recipe also optimizes when the pipeline holds them (Wan 2.2's second expert).
     extra_denoisers: tuple[str, ...] = ()
+    # Expert keys of the denoisers (key -> pipeline attribute), for per-denoiser files on the command line:
+    # `weights bake --fuse-lora high=FILE`, `weights import low=FILE` (Wan 2.2: high/low noise experts)
+    experts: tuple[tuple[str, str], ...] = ()
     # TEXT_BUCKETS applies: the T5 length may be any of app.text_cache.T5_BUCKETS up to the default
     text_buckets: bool = False
     # MagCache's calibrated magnitude ratios: the name of diffusers.hooks.mag_cache's table for this
@@ -123,6 +126,16 @@ class Family:
     def variant(self, denoiser_config) -> "Family":
         """This family as the loaded model's config says (the base: no variants)."""
         return self
+
+    def for_components(self, components: set[str]) -> "Family":
+        """This family as a model holding these pipeline components is planned before it is loaded (the
+        memory plan is chosen from model_index.json or a manifest, before any config is read)."""
+        return self
+
+    def denoisers_of(self, pipe) -> dict:
+        """{pipeline attribute: module} of every denoiser `pipe` holds: the main one, then the extra ones."""
+        names = (self.denoiser, *self.extra_denoisers)
+        return {n: m for n in names if (m := getattr(pipe, n, None)) is not None}
 
     def tiny_variant(self, model: str = "") -> "Family":
         """The embedded tiny model's variant (`model`: one of `tiny_models`, or "" for tiny-<name>): its own

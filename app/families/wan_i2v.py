@@ -42,12 +42,21 @@ class WanI2V(Family):
         """Wan 2.2 A14B (no CLIP image tokens: `image_dim` None) samples at guidance 3.5; Wan 2.1 at 5.0.
         Wan 2.1 FLF2V 720P (first/last frame: `pos_embed_seq_len` set) is a 720P-only checkpoint."""
         if getattr(denoiser_config, "image_dim", 1280) is None:
-            # two 14.3B experts (no CLIP tower): 57 GB of bf16 transformers, 29 GB as FP8
-            return replace(self, defaults=replace(self.defaults, guidance=3.5),
-                           vram_gib={"bf16": 78.0, "fp8": 51.0, "int8": 51.0})
+            return self.a14b()
         if getattr(denoiser_config, "pos_embed_seq_len", None):
             return replace(self, defaults=replace(self.defaults, width=1280, height=720))
         return self
+
+    def a14b(self) -> Family:
+        """Wan 2.2 A14B: two 14.3B experts (no CLIP tower), 57 GB of bf16 transformers, 29 GB as FP8; the
+        memory plan counts both (every plan keeps both where it keeps one: offload-text both resident,
+        offload-blocks both streamed, one block of the running expert on the GPU at a time)."""
+        return replace(self, defaults=replace(self.defaults, guidance=3.5),
+                       vram_gib={"bf16": 78.0, "fp8": 51.0, "int8": 51.0}, memory=memory_tables(experts=2))
+
+    def for_components(self, components: set[str]) -> Family:
+        """A model_index.json or manifest holding `transformer_2` is Wan 2.2 A14B's, planned as such."""
+        return self.a14b() if "transformer_2" in components else self
 
     def task(self, with_inputs: bool) -> str:
         return "i2v"
@@ -177,6 +186,28 @@ class WanI2V(Family):
         return out
 
 
+# GiB per component (preflight.memory.COMPONENTS), Wan 2.1 I2V 14B from bench/results/video_h200.json (H200,
+# FP8: the transformer resident 15.6, a 480p/81-frame step +2.2 over it, a 4-step job's peak 32.0 = 15.6 +
+# 11.8 + 0.24 + 4.4 for the decode); bf16 and Wan 2.2 from parameter counts (2 bytes each; an A14B expert
+# is 14.3B parameters: 26.6 bf16, 13.6 FP8 with its bf16 embedders). Text encoders: UMT5-XXL 10.6 (FP8:
+# 6.3, its 256k-token embedding stays bf16) + CLIP ViT-H 1.2 (Wan 2.1 only). `block`: two 14B blocks and
+# the modules outside them, one expert at a time (diffusers offloads an expert's outer group after its
+# forward).
+_PER_EXPERT = {"bf16": (30.5, 1.7), "fp8": (15.6, 0.95), "int8": (15.6, 0.95)}  # Wan 2.1: (denoiser, block)
+_PER_A14B_EXPERT = {"bf16": 26.6, "fp8": 13.6, "int8": 13.6}
+
+
+def memory_tables(experts: int = 1) -> dict[str, dict[str, float]]:
+    """precision -> component GiB: Wan 2.1 (one transformer) or Wan 2.2 A14B (`experts=2`, both counted)."""
+    out = {}
+    for precision, (den, block) in _PER_EXPERT.items():
+        a14b = experts == 2
+        out[precision] = {"denoiser": round(experts * _PER_A14B_EXPERT[precision], 2) if a14b else den,
+                          "text_encoders": 10.6 if a14b else 11.8, "text_encoders_fp8": 6.3 if a14b else 7.5,
+                          "vae": 0.24, "activations": 2.2, "decode": 4.4, "block": block}
+    return out
+
+
 def _tiny_pipeline(experts: int):
     """The tiny random pipeline: Wan 2.1 I2V (one transformer with CLIP image K/V) or Wan 2.2 A14B (two)."""
     import diffusers
@@ -259,6 +290,7 @@ FAMILY = WanI2V(
     # Estimates: transformer 16.4B params (the 14B blocks + image K/V) 32.8 GB bf16, 16.6 GB FP8; UMT5-XXL
     # 11.4 GB; CLIP ViT-H 1.3 GB; VAE 0.25 GB; 480p/81-frame activations and the VAE decode ~15 GB
     vram_gib={"bf16": 57.0, "fp8": 42.0, "int8": 42.0},
+    memory=memory_tables(experts=1),
     tiny_defaults=Defaults(64, 64, 2, 5.0, PROMPT_TOKENS, frames=9, fps=16),
     checkpoint_keys="weights.wan_keys",
     max_images=1,
@@ -266,6 +298,8 @@ FAMILY = WanI2V(
     max_frames=81,
     output_formats=("mp4", "webp"),
     extra_denoisers=("transformer_2",),  # Wan 2.2 A14B's low-noise expert
+    # Wan 2.2's per-expert files (lightx2v's high_noise / low_noise LoRAs, Kijai's HIGH / LOW FP8 files)
+    experts=(("high", "transformer"), ("low", "transformer_2")),
     tiny_models=("a14b",),  # MODEL=tiny-wan-i2v-a14b: Wan 2.2's two experts, tiny
     job_timeout_s=1800.0,  # 40 CFG steps at 720P run ~15 min on an H200 (480P: ~3 min)
 )
